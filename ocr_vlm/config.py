@@ -1,0 +1,252 @@
+"""Model configuration: one dataclass per component, two presets, `--key=value` overrides.
+
+`d20` is the real nano-DeepSeek-OCR (DeepSeek-OCR's DeepEncoder + nanochat d20, ~962M params).
+`tiny` keeps every code path of d20 (windowed and global SAM blocks with rel-pos, the two
+stride-2 compressor convs, CLIP on SAM tokens, newline/separator layout) at CPU-trainable sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+# Resolution modes of DeepSeek-OCR: processed image side, and whether the page is padded to a
+# square keeping its aspect ("pad") or stretched ("resize"), as the released code does.
+RESOLUTION_MODES = {
+    "tiny": (512, "resize"),
+    "small": (640, "resize"),
+    "base": (1024, "pad"),
+    "large": (1280, "pad"),
+}
+
+
+@dataclass
+class SamConfig:
+    """SAM ViT image encoder + neck + the 16x conv compressor (net_2, net_3)."""
+    image_size: int = 1024        # pretrained input side: sets the pos-embed grid and global rel-pos tables
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    neck_channels: int = 256
+    compressor_channels: tuple[int, int] = (512, 1024)   # net_2, net_3 outputs (each 3x3 stride 2)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class ClipConfig:
+    """CLIP-L transformer body fed with compressed SAM tokens instead of its own patch embedding."""
+    width: int = 1024
+    depth: int = 24
+    heads: int = 16
+    mlp_dim: int = 4096
+    pos_grid: int = 16            # pretrained position grid (16x16 patches + class token = 257 rows)
+
+
+@dataclass
+class GPTConfig:
+    """nanochat GPT (d20 era): rotary, QK-norm, relu^2 MLP, parameter-free RMSNorm, untied head."""
+    sequence_len: int = 2048
+    vocab_size: int = 65537       # nanochat's 65536 + <|image|>
+    n_layer: int = 20
+    n_head: int = 10              # d20 is 10 heads of 128, not 16
+    n_kv_head: int = 10
+    n_embd: int = 1280
+    logit_softcap: float = 15.0
+    rope_base: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class VLMConfig:
+    sam: SamConfig = field(default_factory=SamConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    image_size: int = 1024        # processed side at run time; may differ from sam.image_size (pos-embeds interpolate)
+    image_resize: str = "pad"     # "pad" (aspect kept, grey 127) or "resize" (stretch)
+
+    @property
+    def vision_grid(self) -> int:
+        """Side of the compressed token grid: SAM patches, then two stride-2 convs."""
+        return self.image_size // self.sam.patch_size // 4
+
+    @property
+    def image_tokens(self) -> int:
+        """Embeddings one image puts into the sequence: each row + newline, then the separator."""
+        g = self.vision_grid
+        return g * (g + 1) + 1
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in RESOLUTION_MODES:
+            raise ConfigError(f"mode: unknown resolution mode {mode!r}; choose from {sorted(RESOLUTION_MODES)}")
+        self.image_size, self.image_resize = RESOLUTION_MODES[mode]
+
+    def validate(self) -> "VLMConfig":
+        s, c, g = self.sam, self.clip, self.gpt
+        _check(s.width % s.heads == 0, "sam.width", f"{s.width} is not divisible by sam.heads={s.heads}")
+        _check(c.width % c.heads == 0, "clip.width", f"{c.width} is not divisible by clip.heads={c.heads}")
+        _check(g.n_embd % g.n_head == 0, "gpt.n_embd", f"{g.n_embd} is not divisible by gpt.n_head={g.n_head}")
+        _check(g.n_head % g.n_kv_head == 0, "gpt.n_kv_head", f"gpt.n_head={g.n_head} is not a multiple of {g.n_kv_head}")
+        _check(g.head_dim % 2 == 0, "gpt.n_head", f"head dim {g.head_dim} must be even for rotary")
+        _check(s.image_size % (s.patch_size * 4) == 0, "sam.image_size",
+               f"{s.image_size} is not a multiple of patch_size*4 = {s.patch_size * 4}")
+        _check(self.image_size % (s.patch_size * 4) == 0, "image_size",
+               f"{self.image_size} is not a multiple of sam.patch_size*4 = {s.patch_size * 4}")
+        _check(self.image_resize in ("pad", "resize"), "image_resize", f"{self.image_resize!r} is not 'pad' or 'resize'")
+        _check(all(0 <= i < s.depth for i in s.global_attn_indexes), "sam.global_attn_indexes",
+               f"{s.global_attn_indexes} must index blocks 0..{s.depth - 1}")
+        _check(s.window_size > 0, "sam.window_size", "must be positive")
+        _check(c.width == s.compressor_channels[1], "clip.width",
+               f"{c.width} must equal sam.compressor_channels[1]={s.compressor_channels[1]}: SAM tokens are CLIP's patch embeddings")
+        _check(c.pos_grid * 4 * s.patch_size == s.image_size, "clip.pos_grid",
+               f"{c.pos_grid} must be sam.image_size/(patch_size*4) = {s.image_size // (s.patch_size * 4)}")
+        _check(g.sequence_len > self.image_tokens, "gpt.sequence_len",
+               f"{g.sequence_len} leaves no room for text after {self.image_tokens} image embeddings")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {why}")
+
+
+def d20() -> VLMConfig:
+    """The real model: DeepEncoder (SAM ViT-B, CLIP-L) + nanochat d20, Base mode (1024 px, 273 embeddings)."""
+    return VLMConfig().validate()
+
+
+def tiny() -> VLMConfig:
+    """Same topology at widths a 2-core CPU trains in minutes: 256 px pages give 8x8 tokens (73 embeddings)."""
+    return VLMConfig(
+        sam=SamConfig(image_size=256, patch_size=8, width=64, depth=4, heads=2, window_size=8,
+                      global_attn_indexes=(1, 3), neck_channels=32, compressor_channels=(64, 128)),
+        clip=ClipConfig(width=128, depth=2, heads=2, mlp_dim=512, pos_grid=8),
+        gpt=GPTConfig(sequence_len=1024, vocab_size=2049, n_layer=4, n_head=2, n_kv_head=2, n_embd=128),
+        image_size=256,
+        image_resize="pad",
+    ).validate()
+
+
+PRESETS = {"d20": d20, "tiny": tiny}
+
+
+def preset(name: str) -> VLMConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------------------------
+# --key=value overrides, typed by the dataclass fields. Nested fields use dots: --gpt.n_head=10.
+
+def apply_overrides(cfg, args: list[str]) -> list[str]:
+    """Apply `--key=value` items whose key names a field of `cfg` (dotted for nested dataclasses).
+
+    Returns the items that are not `--key=value` pairs of this config so a caller with several
+    configs can route them; `strict_overrides` rejects leftovers.
+    """
+    rest = []
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"{arg!r}: overrides are written --key=value")
+        key, value = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        target, name = _resolve(cfg, key)
+        if target is None:
+            rest.append(arg)
+            continue
+        setattr(target, name, _parse(value, _field_type(target, name), key))
+    return rest
+
+
+def strict_overrides(cfg, args: list[str]):
+    """Return a copy of `cfg` with the overrides applied; an unknown key is an error naming it."""
+    cfg = copy.deepcopy(cfg)
+    unknown = apply_overrides(cfg, args)
+    if unknown:
+        raise ConfigError(f"{unknown[0].split('=')[0]}: unknown key for {type(cfg).__name__}")
+    return cfg.validate() if hasattr(cfg, "validate") else cfg
+
+
+def _resolve(cfg, key: str):
+    *path, name = key.split(".")
+    target = cfg
+    for part in path:
+        if not dataclasses.is_dataclass(target) or part not in _field_names(target):
+            return None, name
+        target = getattr(target, part)
+    if not dataclasses.is_dataclass(target) or name not in _field_names(target):
+        return None, name
+    if dataclasses.is_dataclass(getattr(target, name)):
+        raise ConfigError(f"{key}: is a section; set its fields, e.g. --{key}.<field>=...")
+    return target, name
+
+
+def _field_names(obj) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)}
+
+
+def _field_type(obj, name: str):
+    return typing.get_type_hints(type(obj))[name]
+
+
+def _parse(text: str, typ, key: str):
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        options = [t for t in typing.get_args(typ) if t is not type(None)]
+        if text.lower() in ("none", "null", ""):
+            return None
+        return _parse(text, options[0], key)
+    if origin is tuple:
+        items = [t for t in text.replace("(", "").replace(")", "").split(",") if t.strip()]
+        item_type = typing.get_args(typ)[0]
+        return tuple(_parse(t.strip(), item_type, key) for t in items)
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean, got {text!r}")
+    if typ in (int, float):
+        try:
+            return typ(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {text!r}") from None
+    return text
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a (nested) config dataclass from `to_dict` output, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key for {cls.__name__}")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            value = from_dict(typ, value)
+        elif typing.get_origin(typ) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)

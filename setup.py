@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ocr_vlm",
+    version="0.1.0",
+    description="DeepSpeed trainer for nano-DeepSeek-OCR: DeepEncoder (SAM ViT-B + CLIP-L) + nanochat d20 GPT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ocr_vlm", "ocr_vlm.*"]),
+    package_data={"ocr_vlm": ["assets/*"]},
+    install_requires=[
+        # torch is pinned in the Makefile's install step: an unpinned torch resolves to a multi-GB CUDA build
+        "torch>=2.4",
+        "deepspeed>=0.19.3",
+        "webdataset>=1.0",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "tiktoken>=0.7",
+        "wandb>=0.17",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "transformers>=5.0",   # numerical oracle for SAM, CLIP and NanoChat parity tests
+            "rustbpe>=0.1",        # trains the shipped tiny tokenizer, as nanochat does
+        ],
+    },
+)
