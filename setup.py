@@ -12,6 +12,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.19.3",
         "webdataset>=1.0",
+        "braceexpand",
         "pillow>=10",
         "safetensors>=0.4",
         "tiktoken>=0.7",

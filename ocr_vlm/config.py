@@ -76,6 +76,7 @@ class VLMConfig:
     gpt: GPTConfig = field(default_factory=GPTConfig)
     image_size: int = 1024        # processed side at run time; may differ from sam.image_size (pos-embeds interpolate)
     image_resize: str = "pad"     # "pad" (aspect kept, grey 127) or "resize" (stretch)
+    image_token_id: int = 65536   # <|image|>: appended after the tokenizer's own vocabulary
 
     @property
     def vision_grid(self) -> int:
@@ -112,6 +113,8 @@ class VLMConfig:
                f"{c.width} must equal sam.compressor_channels[1]={s.compressor_channels[1]}: SAM tokens are CLIP's patch embeddings")
         _check(c.pos_grid * 4 * s.patch_size == s.image_size, "clip.pos_grid",
                f"{c.pos_grid} must be sam.image_size/(patch_size*4) = {s.image_size // (s.patch_size * 4)}")
+        _check(0 <= self.image_token_id < g.vocab_size, "image_token_id",
+               f"{self.image_token_id} is outside the vocabulary of gpt.vocab_size={g.vocab_size}")
         _check(g.sequence_len > self.image_tokens, "gpt.sequence_len",
                f"{g.sequence_len} leaves no room for text after {self.image_tokens} image embeddings")
         return self
@@ -140,6 +143,7 @@ def tiny() -> VLMConfig:
         gpt=GPTConfig(sequence_len=1024, vocab_size=2049, n_layer=4, n_head=2, n_kv_head=2, n_embd=128),
         image_size=256,
         image_resize="pad",
+        image_token_id=2048,
     ).validate()
 
 
@@ -150,6 +154,80 @@ def preset(name: str) -> VLMConfig:
     if name not in PRESETS:
         raise ConfigError(f"preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+@dataclass
+class DataConfig:
+    """What the loader streams and how it packs it; batch sizes come from the training recipe."""
+    shards: str = "shards/tier1"  # directory, brace pattern or `::`-joined list of .tar shards
+    text_shards: str = ""         # optional text-only conversation shards, mixed in at text_ratio
+    text_ratio: float = 0.0       # fraction of samples drawn from text_shards (stage 2: 0.1)
+    seq_len: int = 4096           # tokens per packed row (images count as their embeddings)
+    batch_rows: int = 1           # packed rows per micro-batch: DeepSpeed's train_micro_batch_size_per_gpu
+    num_workers: int = 2          # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000    # raw samples held for shuffling in each worker
+    seed: int = 0
+
+    def validate(self) -> "DataConfig":
+        _check(0.0 <= self.text_ratio <= 1.0, "data.text_ratio", f"{self.text_ratio} is not in [0, 1]")
+        _check(self.text_ratio == 0.0 or bool(self.text_shards), "data.text_shards",
+               f"required when data.text_ratio={self.text_ratio} > 0")
+        _check(self.seq_len > 0 and self.batch_rows > 0, "data.seq_len", "seq_len and batch_rows must be positive")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """The recipe: what trains, on what, for how long, at what learning rate. The ds_config owns the engine."""
+    stage: int = 1
+    preset: str = "tiny"
+    tokenizer: str = ""           # tokenizer JSON; empty = the shipped tiny tokenizer (tiny preset only)
+    init: str = ""                # pretrained weights, "format=path" items joined by ",", e.g. deepseek_ocr=/w,nanochat=/n
+    steps: int = 100
+    micro_batch: int = 1          # packed rows per rank per micro-step
+    global_batch: int = 8         # packed rows per optimizer step over all ranks (sets gradient accumulation)
+    lr: float = 5e-5
+    schedule: str = "cosine"      # cosine (warmup then cosine) | step (warmup then x decay_factor every decay_every)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0     # cosine floor as a fraction of lr
+    decay_every: int = 2000
+    decay_factor: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    freeze: tuple[str, ...] = ()  # components kept bit-identical: sam, clip, projector, gpt
+    checkpointing: tuple[str, ...] = ("sam", "clip", "gpt")   # towers with per-block activation checkpointing
+    output_dir: str = "runs/stage1"
+    resume: str = ""              # "" (fresh), "auto" (latest in output_dir if any) or a checkpoint directory
+    save_every: int = 0           # steps between checkpoints (0: only at the end)
+    eval_every: int = 0           # steps between evaluations on eval_shards (0: never)
+    eval_shards: str = ""
+    log_every: int = 1
+    max_bad_steps: int = 5        # consecutive non-finite losses tolerated (each skipped) before stopping
+    wandb: bool = False
+    wandb_project: str = "ocr_vlm"
+    run_name: str = ""
+    seed: int = 0
+    model: VLMConfig = field(default_factory=tiny)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "TrainConfig":
+        _check(self.stage in (1, 2), "stage", f"{self.stage} is not 1 or 2")
+        _check(self.schedule in ("cosine", "step", "constant"), "schedule", f"{self.schedule!r} is not cosine|step|constant")
+        _check(self.steps > 0, "steps", "must be positive")
+        _check(self.global_batch % self.micro_batch == 0, "global_batch",
+               f"{self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
+        components = ("sam", "clip", "projector", "gpt")
+        for name in self.freeze:
+            _check(name in components, "freeze", f"{name!r} is not one of {components}")
+        for name in self.checkpointing:
+            _check(name in ("sam", "clip", "gpt"), "checkpointing", f"{name!r} is not one of sam, clip, gpt")
+        self.model.validate()
+        self.data.validate()
+        _check(self.data.seq_len > self.model.image_tokens, "data.seq_len",
+               f"{self.data.seq_len} cannot hold one image's {self.model.image_tokens} embeddings")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,25 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up .venv on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch; on a GPU node install your CUDA torch first and run `pip install -e .` instead.
+TORCH  ?= torch==2.13.0
+
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 1
+export WANDB_MODE ?= offline
+# DeepSpeed JIT-builds a C++ op on first use; one fixed cache keeps that a one-off cost.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup test demo
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet $(TORCH)
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+# pytest exits 5 when it collects nothing: an empty suite must fail loudly, not pass quietly.
+test: setup
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Several nodes from one shell with DeepSpeed's launcher over ssh (pdsh, or openmpi with LAUNCHER=openmpi):
+#   HOSTFILE=launch/hostfile bash launch/multi_node.sh --preset=d20 --stage=1 ...
+# Without ssh between nodes (a scheduler starts one launcher per node), run on every node:
+#   NODE_RANK=<i> MASTER_ADDR=<node 0 address> HOSTFILE=launch/hostfile bash launch/multi_node.sh ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HOSTFILE=${HOSTFILE:-launch/hostfile}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
+MASTER_PORT=${MASTER_PORT:-29500}
+# The launcher forwards NCCL_*, PYTHON* and a few others to remote ranks; .deepspeed_env carries the rest.
+{
+    for var in WANDB_API_KEY WANDB_MODE WANDB_PROJECT HF_HOME OMP_NUM_THREADS TORCH_EXTENSIONS_DIR; do
+        [ -n "${!var:-}" ] && echo "$var=${!var}"
+    done
+} > .deepspeed_env
+if [ -n "${NODE_RANK:-}" ]; then
+    exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
+        --master_addr "${MASTER_ADDR:?set MASTER_ADDR to node 0}" --master_port "$MASTER_PORT" \
+        launch/train.py --ds_config "$DS_CONFIG" "$@"
+fi
+exec deepspeed --hostfile "$HOSTFILE" --launcher "${LAUNCHER:-pdsh}" \
+    ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --master_port "$MASTER_PORT" \
+    launch/train.py --ds_config "$DS_CONFIG" "$@"

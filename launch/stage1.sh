@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Stage 1 of nano-DeepSeek-OCR (d20) on 8x A100-80G nodes: everything trains, seq_len 4096, vision data only.
+#   DATA=/data/ocr HOSTFILE=launch/hostfile bash launch/stage1.sh          (or NODES=1 for one node)
+# Pretrained starting points (converted once, see README): DeepSeek-OCR's encoder and a nanochat d20 base model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:?set DATA to the directory holding train/ and val/ shards}
+WEIGHTS=${WEIGHTS:-/weights}
+RANKS_PER_NODE=8
+ARGS=(
+    --preset=d20 --stage=1 --mode=base
+    --tokenizer="$WEIGHTS/nanochat-d20/tokenizer.json"
+    --init="deepseek_ocr=$WEIGHTS/DeepSeek-OCR,nanochat=$WEIGHTS/nanochat-d20"
+    --model.gpt.sequence_len=4096
+    --data.shards="$DATA/train" --eval_shards="$DATA/val" --data.seq_len=4096 --data.num_workers=8
+    --micro_batch=4 --global_batch=512 --steps=20000 --lr=5e-5 --warmup_steps=500
+    --save_every=1000 --eval_every=1000 --output_dir=runs/d20-stage1 --resume=auto --wandb=true
+)
+if [ "${NODES:-0}" = 1 ]; then exec bash launch/single_node.sh "$RANKS_PER_NODE" "${ARGS[@]}"; fi
+exec bash launch/multi_node.sh "${ARGS[@]}"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Stage 2 (d20) on 8x A100-80G nodes: SAM + compressor frozen, seq_len 8192, 10% text-only conversations.
+# Starts from stage 1's export; DeepSeek restarted the language model from its base weights here, which
+# `nanochat=...` after `ocr_vlm=...` does (later --init items overwrite earlier ones).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:?set DATA to the directory holding train/, text/ and val/ shards}
+WEIGHTS=${WEIGHTS:-/weights}
+RANKS_PER_NODE=8
+ARGS=(
+    --preset=d20 --stage=2 --mode=base
+    --tokenizer="$WEIGHTS/nanochat-d20/tokenizer.json"
+    --init="ocr_vlm=runs/d20-stage1/export,nanochat=$WEIGHTS/nanochat-d20"
+    --model.gpt.sequence_len=8192
+    --data.shards="$DATA/train" --data.text_shards="$DATA/text" --data.text_ratio=0.1
+    --eval_shards="$DATA/val" --data.seq_len=8192 --data.num_workers=8
+    --micro_batch=2 --global_batch=640 --steps=20000 --lr=3e-5 --warmup_steps=100
+    --save_every=1000 --eval_every=1000 --output_dir=runs/d20-stage2 --resume=auto --wandb=true
+)
+if [ "${NODES:-0}" = 1 ]; then exec bash launch/single_node.sh "$RANKS_PER_NODE" "${ARGS[@]}"; fi
+exec bash launch/multi_node.sh "${ARGS[@]}"

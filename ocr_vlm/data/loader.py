@@ -1,0 +1,228 @@
+"""Shards -> packed, resumable batches: mix, decode, process the image, render tokens, pack rows of seq_len.
+
+Each DataLoader worker of each rank owns one slot of the sample streams (see stream.py) and builds whole batches.
+Rows hold several samples: each starts at <|bos|> with rotary positions restarting at 0, and `doc_ids` tells the
+model which tokens may attend to which (causal within a sample, never across). A batch carries the position of the
+first sample it did *not* take, so `Loader.state_dict()` resumes at exactly the next sample on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ocr_vlm.config import DataConfig, VLMConfig
+from ocr_vlm.data.stream import SampleStream, ShardSet, Skipped
+from ocr_vlm.image import ImageError, process_image
+from ocr_vlm.model.gpt import IGNORE_INDEX
+from ocr_vlm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass
+class Example:
+    inputs: list[int]
+    targets: list[int]
+    pixels: torch.Tensor | None       # (3, S, S) for a vision sample
+    state: dict                       # stream positions before this sample was drawn
+
+
+class BadSample(ValueError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int], list[int], torch.Tensor | None]:
+    """A raw webdataset sample -> (ids, mask, pixels). Raises BadSample naming what is wrong."""
+    if "json" not in sample:
+        raise BadSample("missing_json", "no .json member")
+    try:
+        meta = json.loads(sample["json"].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadSample("bad_text", "json is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise BadSample("bad_json", f"json does not parse ({e})") from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", "json is not an object")
+    image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if image_key is None:
+        if not isinstance(meta.get("messages"), list):
+            raise BadSample("bad_fields", "text sample needs a 'messages' list")
+        try:
+            ids, mask = tokenizer.render_conversation(meta["messages"])
+        except ValueError as e:
+            raise BadSample("bad_fields", str(e)) from None
+        return ids, mask, None
+    for name in ("prompt", "response"):
+        if not isinstance(meta.get(name), str):
+            raise BadSample("bad_fields", f"field '{name}' missing or not a string")
+    try:
+        pixels = process_image(sample[image_key], vlm.image_size, vlm.image_resize)
+    except ImageError as e:
+        raise BadSample(e.reason, str(e)) from None
+    ids, mask = tokenizer.render_sample(meta["prompt"], meta["response"], vlm.image_tokens)
+    return ids, mask, pixels
+
+
+class PackedBatches(IterableDataset):
+    """Runs inside each DataLoader worker: one slot's examples packed into (batch_rows, seq_len) batches."""
+
+    def __init__(self, data: DataConfig, vlm: VLMConfig, tokenizer_path: str, rank: int, world: int,
+                 worker_states: dict[int, dict], worker_offset: int, finite: bool = False):
+        self.data, self.vlm, self.tokenizer_path = data, vlm, tokenizer_path
+        self.rank, self.world, self.states, self.offset, self.finite = rank, world, worker_states, worker_offset, finite
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        logical = ((info.id if info else 0) + self.offset) % workers
+        tokenizer = Tokenizer.load(self.tokenizer_path)
+        examples = self._examples(tokenizer, self.rank * workers + logical, self.world * workers, logical)
+        yield from self._pack(examples, tokenizer, logical)
+
+    def _examples(self, tokenizer: Tokenizer, slot: int, slots: int, logical: int) -> Iterator[Example | tuple]:
+        """Examples in stream order; unreadable samples come out as (reason, where, count) to be counted."""
+        d = self.data
+        state = self.states.get(logical, {"mixed": 0, "vision": (0, 0), "text": (0, 0)})
+        buffer = 0 if self.finite else d.shuffle_buffer
+        streams = {"vision": SampleStream(ShardSet.from_spec(d.shards), slot, slots, d.seed, buffer, state["vision"])}
+        if d.text_ratio > 0:
+            streams["text"] = SampleStream(ShardSet.from_spec(d.text_shards), slot, slots, d.seed + 1, buffer,
+                                           state["text"])
+        iters = {name: iter(s) for name, s in streams.items()}
+        positions = {"vision": tuple(state["vision"]), "text": tuple(state["text"])}
+        mixed = state["mixed"]
+        while True:
+            source = "text" if "text" in iters and _draw(d.seed, slot, mixed) < d.text_ratio else "vision"
+            before = {"mixed": mixed, **positions}
+            item, (epoch, k) = next(iters[source])
+            if self.finite and epoch > 0:
+                return
+            positions[source], mixed = (epoch, k + 1), mixed + 1
+            if isinstance(item, Skipped):
+                yield (item.reason, item.where, item.count)
+                continue
+            where = f"{item.get('__url__')}:{item.get('__key__')}"
+            try:
+                ids, mask, pixels = decode(item, tokenizer, self.vlm)
+            except BadSample as e:
+                log.warning("skipping sample %s: %s", where, e)
+                yield (e.reason, where, 1)
+                continue
+            if len(ids) - 1 > d.seq_len:
+                yield ("too_long", where, 1)
+                continue
+            targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+            yield Example(ids[:-1], targets, pixels, before)
+
+    def _pack(self, examples, tokenizer: Tokenizer, logical: int) -> Iterator[dict]:
+        rows: list[list[Example]] = [[]]
+        counters: Counter = Counter()
+        for ex in examples:
+            if not isinstance(ex, Example):
+                reason, _, count = ex
+                counters[f"skipped/{reason}"] += count
+                continue
+            if sum(len(e.inputs) for e in rows[-1]) + len(ex.inputs) > self.data.seq_len:
+                if len(rows) == self.data.batch_rows:
+                    yield self._collate(rows, counters, tokenizer, ex.state, logical)
+                    rows, counters = [[]], Counter()
+                else:
+                    rows.append([])
+            rows[-1].append(ex)
+        if self.finite and rows[0]:
+            yield self._collate(rows, counters, tokenizer, None, logical)
+
+    def _collate(self, rows, counters: Counter, tokenizer: Tokenizer, state, logical: int) -> dict:
+        T, B = self.data.seq_len, self.data.batch_rows
+        batch = {
+            "input_ids": torch.full((B, T), tokenizer.bos_id, dtype=torch.long),
+            "targets": torch.full((B, T), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.arange(T).repeat(B, 1),
+            "doc_ids": torch.full((B, T), -1, dtype=torch.long),   # padding: its own block, supervises nothing
+        }
+        images = []
+        for r, row in enumerate(rows):
+            at = 0
+            for doc, ex in enumerate(row):
+                n = len(ex.inputs)
+                batch["input_ids"][r, at:at + n] = torch.tensor(ex.inputs)
+                batch["targets"][r, at:at + n] = torch.tensor(ex.targets)
+                batch["position_ids"][r, at:at + n] = torch.arange(n)
+                batch["doc_ids"][r, at:at + n] = doc
+                at += n
+                if ex.pixels is not None:
+                    images.append(ex.pixels)
+                counters["vision_samples" if ex.pixels is not None else "text_samples"] += 1
+        size = self.vlm.image_size
+        batch["pixel_values"] = torch.stack(images) if images else torch.zeros(0, 3, size, size)
+        counters["samples"] = counters["vision_samples"] + counters["text_samples"]
+        counters["tokens"] = int((batch["doc_ids"] >= 0).sum())
+        counters["target_tokens"] = int((batch["targets"] != IGNORE_INDEX).sum())
+        batch["counters"] = dict(counters)
+        batch["state"] = {"worker": logical, "stream": state}
+        return batch
+
+
+def _draw(seed: int, slot: int, k: int) -> float:
+    """The k-th mixing draw of a slot: a pure function, so resume needs only the count."""
+    return random.Random(f"mix/{seed}/{slot}/{k}").random()
+
+
+class Loader:
+    """A rank's batches: an endless stream for training (`finite=False`), or one pass over the data for eval."""
+
+    def __init__(self, data: DataConfig, vlm: VLMConfig, tokenizer_path: str, rank: int = 0, world: int = 1,
+                 finite: bool = False):
+        self.data, self.vlm, self.tokenizer_path = data.validate(), vlm, str(tokenizer_path)
+        self.rank, self.world, self.finite = rank, world, finite
+        self.batches = 0
+        self.worker_states: dict[int, dict] = {}
+
+    def __iter__(self) -> Iterator[dict]:
+        workers = max(1, self.data.num_workers)
+        dataset = PackedBatches(self.data, self.vlm, self.tokenizer_path, self.rank, self.world,
+                                dict(self.worker_states), self.batches % workers, self.finite)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers,
+                            worker_init_fn=_single_thread, prefetch_factor=2 if self.data.num_workers else None)
+        for batch in loader:
+            state = batch.pop("state")
+            if state["stream"] is not None:
+                self.worker_states[state["worker"]] = state["stream"]
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "workers": {str(k): v for k, v in self.worker_states.items()},
+                "rank": self.rank, "world": self.world}
+
+    def start_after(self, rank_states: list[dict]) -> None:
+        """Resume on a different world size: slots no longer match, so every stream starts its next epoch."""
+        workers = [w for r in rank_states for w in r["loader"]["workers"].values()]
+        vision = max((w["vision"][0] for w in workers), default=-1) + 1
+        text = max((w["text"][0] for w in workers), default=-1) + 1
+        self.batches = 0
+        self.worker_states = {k: {"mixed": 0, "vision": (vision, 0), "text": (text, 0)}
+                              for k in range(max(1, self.data.num_workers))}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["rank"], state["world"]) != (self.rank, self.world):
+            raise ValueError(f"loader state is for rank {state['rank']} of {state['world']}, "
+                             f"this is rank {self.rank} of {self.world}")
+        self.batches = state["batches"]
+        self.worker_states = {int(k): {"mixed": v["mixed"], "vision": tuple(v["vision"]), "text": tuple(v["text"])}
+                              for k, v in state["workers"].items()}
+
+
+def _single_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)   # workers decode and tokenize; intra-op threads would fight the trainer for cores

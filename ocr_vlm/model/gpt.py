@@ -1,0 +1,166 @@
+"""nanochat's GPT as of its d20 release: rotary, QK-norm, relu² MLP, parameter-free RMSNorm, untied head, softcap.
+
+The VLM splices image embeddings between `embed` and `hidden`, so there is one forward, not two copies that drift.
+Packed rows pass `doc_ids` (which sample each token belongs to) and `position_ids` (restarting per sample).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ocr_vlm.config import GPTConfig
+
+IGNORE_INDEX = -1          # nanochat's convention for targets that carry no loss
+LOSS_CHUNK = 2048          # tokens per lm_head chunk: bounds fp32 logits to LOSS_CHUNK x vocab
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """nanochat's half-split rotation; x is (B, H, T, D), cos/sin (B, 1, T, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.c_k = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))   # QK-norm after rotary
+        gqa = self.n_head != self.n_kv_head
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            "h": nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+        })
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # fp32 tables, ten times the trained context as nanochat does; not saved (derived from the config).
+        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+        angles = torch.outer(torch.arange(cfg.sequence_len * 10, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.gradient_checkpointing = False
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's init: scaled normal matrices, unit embedding, zero lm_head and zero output projections."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                module.weight.normal_(0, fan_in ** -0.5 * min(1.0, (fan_out / fan_in) ** 0.5))
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0, 1.0)
+        self.lm_head.weight.zero_()
+        for block in self.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Raw token embeddings; `hidden` applies nanochat's norm after embedding."""
+        return self.transformer.wte(idx)
+
+    def hidden(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) embeddings -> final-normed hidden states."""
+        B, T, _ = x.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=x.device).expand(B, T)
+        cos = self.cos[position_ids].unsqueeze(1).to(x.dtype)
+        sin = self.sin[position_ids].unsqueeze(1).to(x.dtype)
+        mask = None
+        if doc_ids is not None:   # causal within each packed sample, nothing across samples
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = (causal & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1))).unsqueeze(1)
+        x = norm(x)
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask)
+        return norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return softcap(self.lm_head(h).float(), self.cfg.logit_softcap)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden(self.embed(idx), position_ids, doc_ids)
+        if targets is None:
+            return self.logits(h)
+        return chunked_cross_entropy(h, self.lm_head.weight, targets, self.cfg.logit_softcap)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(logits / cap)
+
+
+def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+    logits = softcap(F.linear(h, weight).float(), cap)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
+                          chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Mean cross-entropy over targets != IGNORE_INDEX without materialising (B*T, vocab) fp32 logits.
+
+    Each chunk's logits are recomputed in backward rather than kept: peak memory is one chunk's logits, which at
+    8192 tokens x 65537 vocab saves ~2 GB of fp32 logits (plus their gradient) per sequence.
+    """
+    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    valid = (targets != IGNORE_INDEX).sum()
+    total = h.sum() * 0.0     # keeps the graph connected when nothing is supervised, so every parameter gets a grad
+    for start in range(0, h.size(0), chunk):
+        piece = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss_sum, h[piece], weight, targets[piece], cap, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(h[piece], weight, targets[piece], cap)
+    return total / valid.clamp(min=1)

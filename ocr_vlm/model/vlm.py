@@ -1,0 +1,102 @@
+"""nano-DeepSeek-OCR: DeepEncoder (SAM -> compressor -> CLIP) + projector + nanochat GPT.
+
+    pixels (N,3,S,S) ─ sam_model ─▶ (N,C,g,g) ─ vision_model ─▶ (N,1+g²,W)
+    cat(CLIP[:,1:], SAM tokens) ─ projector ─▶ (N,g²,D) ─ layout ─▶ (N, g·(g+1)+1, D)
+    token embeddings with the <|image|> positions replaced, in order ─ gpt ─▶ loss or logits
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ocr_vlm.config import VLMConfig
+from ocr_vlm.model.clip import ClipEncoder
+from ocr_vlm.model.gpt import GPT, chunked_cross_entropy
+from ocr_vlm.model.sam import SamEncoder
+
+# Top-level modules of each component, as the summary table, freezing and checkpointing name them.
+COMPONENTS = {
+    "sam": ("sam_model",),
+    "clip": ("vision_model",),
+    "projector": ("projector", "image_newline", "view_separator"),
+    "gpt": ("gpt",),
+}
+
+
+class Projector(nn.Module):
+    """DeepSeek-OCR's linear projector; the `layers` name matches its checkpoint keys."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.layers = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.gpt.n_embd
+        self.sam_model = SamEncoder(cfg.sam)
+        self.vision_model = ClipEncoder(cfg.clip)
+        self.projector = Projector(cfg.clip.width + cfg.sam.compressor_channels[1], width)
+        self.image_newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
+        self.view_separator = nn.Parameter(torch.randn(width) / math.sqrt(width))
+        self.gpt = GPT(cfg.gpt)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N,3,S,S) -> (N, image_tokens, D): grid rows each closed by a newline, then one separator."""
+        sam = self.sam_model(pixels)
+        clip = self.vision_model(sam)
+        fused = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)   # CLIP first: projector weights depend on it
+        x = self.projector(fused)
+        n, g, d = x.shape[0], sam.shape[-1], x.shape[-1]
+        rows = torch.cat([x.view(n, g, g, d), self.image_newline.to(x.dtype).expand(n, g, 1, d)], dim=2)
+        return torch.cat([rows.flatten(1, 2), self.view_separator.to(x.dtype).expand(n, 1, d)], dim=1)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's embeddings written into its <|image|> placeholders, in order."""
+        x = self.gpt.embed(input_ids)
+        slots = input_ids == self.cfg.image_token_id
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        expected, found = n_images * self.cfg.image_tokens, int(slots.sum())
+        if expected != found:
+            raise ValueError(f"{n_images} image(s) need {expected} <|image|> placeholders "
+                             f"({self.cfg.image_tokens} each) but input_ids holds {found}")
+        if n_images:
+            vision = self.encode_images(pixel_values).to(x.dtype)
+            x = x.masked_scatter(slots.unsqueeze(-1), vision)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy over supervised targets (never full fp32 logits), or logits when no targets."""
+        h = self.gpt.hidden(self.embed(input_ids, pixel_values), position_ids=position_ids, doc_ids=doc_ids)
+        if targets is None:
+            return self.gpt.logits(h)
+        return chunked_cross_entropy(h, self.gpt.lm_head.weight, targets, self.cfg.gpt.logit_softcap)
+
+    def component_parameters(self, component: str) -> list[nn.Parameter]:
+        params = []
+        for name in COMPONENTS[component]:
+            part = getattr(self, name)
+            params += [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+        return params
+
+    def set_activation_checkpointing(self, sam: bool, clip: bool, gpt: bool) -> None:
+        """Recompute each block's activations in backward instead of storing them, per tower."""
+        self.sam_model.gradient_checkpointing = sam
+        self.vision_model.gradient_checkpointing = clip
+        self.gpt.gradient_checkpointing = gpt
+
+
+def build_model(cfg: VLMConfig, device: str | torch.device = "cpu") -> VLM:
+    """Build with initialised weights; on the meta device only shapes exist (for sizing the d20 model)."""
+    with torch.device(device):
+        return VLM(cfg)

@@ -1,0 +1,48 @@
+"""Run tracking on rank 0: a metrics JSONL that is always written, and Weights & Biases when enabled.
+
+W&B runs offline (files under the run directory, `wandb sync` later) whenever there is no API key or the
+environment says so, so a cluster without internet never blocks on a login prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class Tracker:
+    def __init__(self, run_dir: str | Path, config: dict, enabled: bool = True, use_wandb: bool = False,
+                 project: str = "ocr_vlm", run_name: str = "", resume: bool = False):
+        self.enabled = enabled
+        self.wandb = None
+        if not enabled:
+            return
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # A resumed run appends: the JSONL then holds every step of the logical run once.
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a" if resume else "w", buffering=1)
+        if use_wandb:
+            import wandb
+
+            if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "disabled":
+                os.environ.setdefault("WANDB_MODE", "offline")
+            run_id_file = self.run_dir / "wandb_run_id"
+            run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else wandb.util.generate_id()
+            run_id_file.write_text(run_id)
+            self.wandb = wandb.init(project=project, name=run_name or self.run_dir.name, id=run_id,
+                                    resume="allow", dir=str(self.run_dir), config=config)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,370 @@
+"""The training engine — the only module that imports DeepSpeed.
+
+    recipe + ds_config ─▶ model (pretrained init, freeze, activation checkpointing) ─▶ deepspeed.initialize
+    loader (this rank's packed batches) ─▶ micro-steps: forward, non-finite guard, backward, engine.step
+    every N steps: metrics (JSONL + W&B), eval on val shards, checkpoint (engine state + every rank's loader/RNG)
+    end: checkpoint, export safetensors + config gathered from the (possibly ZeRO-3 partitioned) checkpoint
+
+Runs under the `deepspeed` launcher, torchrun, or as one plain python process (rank 0 of 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from ocr_vlm import config, flops, recipe, weights
+from ocr_vlm.config import ConfigError, TrainConfig
+from ocr_vlm.data.loader import Loader
+from ocr_vlm.model.gpt import IGNORE_INDEX
+from ocr_vlm.model.vlm import COMPONENTS, build_model
+from ocr_vlm.tokenizer import Tokenizer
+from ocr_vlm.tracking import Tracker
+
+TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train nano-DeepSeek-OCR with DeepSpeed. Recipe options: --key=value "
+                                     "(see ocr_vlm/config.py TrainConfig; model.* and data.* for nested fields).")
+    parser.add_argument("--ds_config", required=True, help="DeepSpeed engine config JSON (ds_configs/*.json)")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = recipe.build_config(overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    _init_distributed()
+    try:
+        Trainer(cfg, args.ds_config).run()
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
+
+
+def _init_distributed() -> None:
+    """A plain `python` run is rank 0 of 1 on a free local port; launchers provide the environment."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, ds_config_path: str):
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0))) \
+            if get_accelerator().device_name() != "cpu" else torch.device("cpu")
+        self.on_gpu = self.device.type != "cpu"
+        self.out = Path(cfg.output_dir)
+        self.tokenizer_path = cfg.tokenizer or str(TINY_TOKENIZER)
+        _seed_everything(cfg.seed)
+
+        self.model = self._build_model()
+        self.resume_path = self._resume_dir()
+        self.ds_config = engine_config(ds_config_path, cfg, self.world, self.on_gpu)
+        if self.resume_path is not None and (self.resume_path / "zero").is_dir():
+            # ds_to_universal's output: parameters stored whole, so any world size can load them.
+            self.ds_config["checkpoint"] = {"load_universal": True}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = _optimizer(trainable, cfg, offload=_offloads_optimizer(self.ds_config))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: recipe.lr_multiplier(step, cfg))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                                                 lr_scheduler=scheduler, config=self.ds_config)
+        self.gas = self.engine.gradient_accumulation_steps()
+        data = config.strict_overrides(cfg.data, [f"--batch_rows={cfg.micro_batch}"])
+        self.loader = Loader(data, cfg.model, self.tokenizer_path, self.rank, self.world)
+        self.step = 0
+        self.tracker = Tracker(self.out, config.to_dict(cfg), enabled=self.rank == 0, use_wandb=cfg.wandb,
+                               project=cfg.wandb_project, run_name=cfg.run_name, resume=self.resume_path is not None)
+        self.frozen_before = {n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad} \
+            if cfg.freeze and not self._zero3 else {}
+        self.image_flops = flops.image_train_flops(cfg.model, cfg.freeze)
+        self.token_flops = flops.gpt_train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = flops.peak_flops(torch.cuda.get_device_name(self.device)) if self.on_gpu else None
+
+    @property
+    def _zero3(self) -> bool:
+        return self.ds_config["zero_optimization"].get("stage", 0) == 3
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _build_model(self):
+        cfg = self.cfg
+        tokenizer = Tokenizer.load(self.tokenizer_path)
+        if (tokenizer.vocab_size, tokenizer.image_id) != (cfg.model.gpt.vocab_size, cfg.model.image_token_id):
+            raise ConfigError(f"tokenizer {self.tokenizer_path} has vocab {tokenizer.vocab_size} with <|image|>="
+                              f"{tokenizer.image_id}; the model expects model.gpt.vocab_size="
+                              f"{cfg.model.gpt.vocab_size} and model.image_token_id={cfg.model.image_token_id}")
+        model = build_model(cfg.model)
+        for item in filter(None, cfg.init.split(",")):
+            fmt, _, path = item.partition("=")
+            report = weights.load_pretrained(model, path, fmt)
+            self._print(str(report))
+        recipe.freeze(model, cfg.freeze)
+        model.set_activation_checkpointing(**{name: name in cfg.checkpointing for name in ("sam", "clip", "gpt")})
+        self._print(parameter_table(model))
+        return model
+
+    def _print(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        self._maybe_resume()
+        batches = iter(self.loader)
+        bad_in_a_row = 0
+        while self.step < self.cfg.steps:
+            started = time.perf_counter()
+            losses, counters, skipped_micro = [], {}, 0
+            while len(losses) < self.gas:
+                batch = next(batches)
+                loss = self._forward(batch)
+                if self._any_rank(not torch.isfinite(loss.detach()).item()):
+                    # Every rank drops this micro-batch together (no backward, no engine.step), so the
+                    # optimizer never sees a non-finite gradient and the step is rebuilt from fresh data.
+                    bad_in_a_row, skipped_micro = bad_in_a_row + 1, skipped_micro + 1
+                    self._print(f"step {self.step}: non-finite loss, micro-batch skipped ({bad_in_a_row} in a row)")
+                    if bad_in_a_row >= self.cfg.max_bad_steps:
+                        raise TrainingError(f"{bad_in_a_row} non-finite losses in a row at step {self.step}: "
+                                            "lower the lr, check the data, or resume from an earlier checkpoint")
+                    continue
+                bad_in_a_row = 0
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(loss.detach())
+                for k, v in batch["counters"].items():
+                    counters[k] = counters.get(k, 0) + v
+            self.step += 1
+            self._log(torch.stack(losses).mean(), counters, skipped_micro, time.perf_counter() - started)
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                self.evaluate()
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+                self.save()
+        self.save()
+        self._check_frozen()
+        self.export()
+        self.tracker.close()
+
+    def _forward(self, batch: dict) -> torch.Tensor:
+        tensors = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if self.on_gpu:
+            tensors["pixel_values"] = tensors["pixel_values"].to(torch.bfloat16 if self._bf16 else torch.float32)
+        return self.engine(tensors["input_ids"], targets=tensors["targets"], pixel_values=tensors["pixel_values"],
+                           position_ids=tensors["position_ids"], doc_ids=tensors["doc_ids"])
+
+    @property
+    def _bf16(self) -> bool:
+        return bool(self.ds_config.get("bf16", {}).get("enabled"))
+
+    def _log(self, loss: torch.Tensor, counters: dict, skipped_micro: int, dt: float) -> None:
+        totals = torch.tensor([loss.float().item(), counters.get("tokens", 0), counters.get("samples", 0),
+                               counters.get("vision_samples", 0),
+                               sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
+        totals = self._sum_over_ranks(totals)
+        loss_mean = totals[0].item() / self.world
+        tokens, samples, images, skipped = (int(x) for x in totals[1:])
+        grad_norm = self.engine.get_global_grad_norm()
+        train_flops = tokens * self.token_flops + images * self.image_flops
+        metrics = {"loss": loss_mean, "lr": self.scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "dt_ms": dt * 1000, "tokens_per_s": tokens / dt, "samples_per_s": samples / dt,
+                   "tflops_per_s": train_flops / dt / 1e12, "skipped_samples": skipped,
+                   "skipped_micro_batches": skipped_micro}
+        if self.peak:
+            metrics["mfu"] = train_flops / dt / (self.peak * self.world)
+        if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps):
+            mfu = f"mfu {metrics['mfu'] * 100:.1f}%" if self.peak else "mfu n/a (cpu)"
+            grad = f"{metrics['grad_norm']:.3f}" if metrics["grad_norm"] is not None else "n/a"
+            print(f"step {self.step:05d}/{self.cfg.steps:05d} | loss {loss_mean:.4f} | lr {metrics['lr']:.2e} | "
+                  f"grad {grad} | dt {dt * 1000:.0f}ms | tok/s {metrics['tokens_per_s']:,.0f} | "
+                  f"samples/s {metrics['samples_per_s']:.2f} | {mfu} | skipped {skipped}", flush=True)
+        self.tracker.log(self.step, metrics)
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.to(self.device)    # NCCL reduces device tensors only
+        dist.all_reduce(values)
+        return values.cpu()
+
+    def _any_rank(self, flag: bool) -> bool:
+        return self._sum_over_ranks(torch.tensor([float(flag)])).item() > 0
+
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over every target token of the val shards, each sample once across ranks."""
+        eval_data = config.strict_overrides(self.cfg.data, [f"--shards={self.cfg.eval_shards}", "--text_ratio=0",
+                                                            "--num_workers=0", f"--batch_rows={self.cfg.micro_batch}"])
+        batches = iter(Loader(eval_data, self.cfg.model, self.tokenizer_path, self.rank, self.world, finite=True))
+        self.engine.eval()
+        total, count, last = torch.zeros(2, dtype=torch.float64), 0, None
+        while True:
+            batch = next(batches, None)
+            # ZeRO-3 gathers parameters collectively: ranks whose share ran out repeat a batch with zero weight.
+            if not self._any_rank(batch is not None):
+                break
+            weight = 1.0 if batch is not None else 0.0
+            batch = batch if batch is not None else last
+            n = int((batch["targets"] != IGNORE_INDEX).sum())
+            total += torch.tensor([self._forward(batch).float().item() * n * weight, n * weight], dtype=torch.float64)
+            last = batch
+        total = self._sum_over_ranks(total)
+        self.engine.train()
+        val_loss = (total[0] / total[1].clamp(min=1)).item()
+        self._print(f"step {self.step:05d} | val loss {val_loss:.4f} over {int(total[1])} target tokens")
+        self.tracker.log(self.step, {"val_loss": val_loss})
+        return val_loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """DeepSpeed state + every rank's loader and RNG state; `latest` moves only once all ranks are done."""
+        states = [None] * self.world
+        dist.all_gather_object(states, {"loader": self.loader.state_dict(), "rng": _rng_state()})
+        tag = f"step{self.step:06d}"
+        ckpt_dir = self.out / CHECKPOINTS
+        client = {"step": self.step, "ranks": states, "recipe": config.to_dict(self.cfg)}
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        dist.barrier()
+        if self.rank == 0:
+            tmp = ckpt_dir / "latest.tmp"
+            tmp.write_text(tag)
+            tmp.replace(ckpt_dir / "latest")
+        dist.barrier()
+        self._print(f"saved checkpoint {ckpt_dir / tag}")
+
+    def _resume_dir(self) -> Path | None:
+        resume = self.cfg.resume
+        if resume == "auto":
+            latest = self.out / CHECKPOINTS / "latest"
+            return latest.parent / latest.read_text().strip() if latest.exists() else None
+        return Path(resume) if resume else None
+
+    def _maybe_resume(self) -> None:
+        path = self.resume_path
+        if path is None:
+            return
+        if not path.is_dir():
+            raise TrainingError(f"resume: {path} is not a checkpoint directory")
+        loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if loaded is None:
+            raise TrainingError(f"resume: DeepSpeed could not load {path}")
+        self.step = client["step"]
+        ranks = client["ranks"]
+        if len(ranks) == self.world:
+            self.loader.load_state_dict(ranks[self.rank]["loader"])
+            _set_rng_state(ranks[self.rank]["rng"])
+        else:
+            # A different world size re-partitions the data: continue with the next epoch of every stream.
+            self.loader.start_after(ranks)
+            self._print(f"resume: world size {len(ranks)} -> {self.world}; data restarts at the next epoch")
+        self._print(f"resumed from {path} at step {self.step}")
+
+    def _check_frozen(self) -> None:
+        for name, before in self.frozen_before.items():
+            if not torch.equal(before, dict(self.model.named_parameters())[name].detach()):
+                raise TrainingError(f"frozen parameter {name} changed during training")
+
+    def export(self) -> Path | None:
+        """Final weights as safetensors + config.json, gathered from the checkpoint (complete under ZeRO-3)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        out = self.out / "export"
+        if self.rank == 0:
+            tag = f"step{self.step:06d}"
+            state = get_fp32_state_dict_from_zero_checkpoint(str(self.out / CHECKPOINTS), tag=tag) \
+                if self.ds_config["zero_optimization"].get("stage", 0) > 0 else self.model.state_dict()
+            weights.export(self.model, out, state_dict=state)
+            print(f"exported {out}", flush=True)
+        dist.barrier()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def engine_config(path: str, cfg: TrainConfig, world: int, on_gpu: bool) -> dict:
+    """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in."""
+    ds = json.loads(Path(path).read_text())
+    for owned in ("optimizer", "scheduler"):
+        if owned in ds:
+            raise ConfigError(f"{path}: remove '{owned}': the recipe owns it (--lr, --schedule, ...)")
+    if "gradient_clipping" not in ds:
+        raise ConfigError(f"{path}: set 'gradient_clipping' explicitly (DeepSpeed's default changed in 0.19.3)")
+    if cfg.global_batch % (cfg.micro_batch * world):
+        raise ConfigError(f"global_batch: {cfg.global_batch} rows is not a multiple of micro_batch "
+                          f"{cfg.micro_batch} x {world} ranks")
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
+    ds["gradient_accumulation_steps"] = cfg.global_batch // (cfg.micro_batch * world)
+    ds["train_batch_size"] = cfg.global_batch
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = on_gpu   # these CPUs emulate bf16 several times slower than fp32
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+def _offloads_optimizer(ds: dict) -> bool:
+    return ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+
+
+def _optimizer(params: list, cfg: TrainConfig, offload: bool) -> torch.optim.Optimizer:
+    """AdamW with the recipe's hyperparameters; DeepSpeed's CPU Adam when the optimizer state lives on CPU."""
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(params, fused=torch.cuda.is_available(), **kwargs)
+
+
+def parameter_table(model) -> str:
+    lines = [f"{'component':<12}{'trainable':>16}{'frozen':>16}"]
+    for name in COMPONENTS:
+        params = model.component_parameters(name)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        frozen = sum(p.numel() for p in params if not p.requires_grad)
+        lines.append(f"{name:<12}{trainable:>16,}{frozen:>16,}")
+    return "\n".join(lines)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,46 @@
+"""Config presets, validation messages that name the field, and typed --key=value overrides."""
+
+import pytest
+
+from ocr_vlm import config
+from ocr_vlm.config import ConfigError, GPTConfig, VLMConfig
+
+
+def test_d20_is_ten_heads_of_128():
+    gpt = config.d20().gpt
+    assert (gpt.n_head, gpt.head_dim, gpt.n_embd, gpt.n_layer) == (10, 128, 1280, 20)
+
+
+def test_overrides_are_typed_and_copy():
+    base = config.tiny()
+    cfg = config.strict_overrides(base, ["--gpt.n_layer=2", "--sam.global_attn_indexes=0,2", "--image_resize=resize"])
+    assert (cfg.gpt.n_layer, cfg.sam.global_attn_indexes, cfg.image_resize) == (2, (0, 2), "resize")
+    assert base.gpt.n_layer == 4
+
+
+@pytest.mark.parametrize("override, field", [
+    (["--gpt.n_head=3"], "gpt.n_embd"),                     # 128 not divisible by 3
+    (["--gpt.bogus=1"], "--gpt.bogus"),                     # unknown key
+    (["--image_size=250"], "image_size"),                   # not a multiple of patch * 4
+    (["--gpt.n_layer=two"], "gpt.n_layer"),                 # ill-typed
+    (["--clip.width=96"], "clip.width"),                    # must equal net_3's channels
+    (["--sam.global_attn_indexes=7"], "sam.global_attn_indexes"),
+    (["--gpt"], "--gpt"),                                   # not key=value
+])
+def test_bad_overrides_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        config.strict_overrides(config.tiny(), override)
+
+
+def test_round_trip_through_dict():
+    cfg = config.tiny()
+    assert config.from_dict(VLMConfig, config.to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="heads"):
+        config.from_dict(GPTConfig, {"heads": 16})
+
+
+def test_unknown_preset_and_mode():
+    with pytest.raises(ConfigError, match="preset"):
+        config.preset("d32")
+    with pytest.raises(ConfigError, match="mode"):
+        config.d20().set_mode("gundam")

@@ -1,0 +1,84 @@
+"""Image processing: every PIL mode a user's page may have, EXIF orientation, padding, and clear errors."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ocr_vlm import config
+from ocr_vlm.image import PAD_COLOR, ImageError, load_image, process_image
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def test_output_range_and_padding_keep_aspect():
+    page = Image.new("RGB", (200, 100), (255, 255, 255))        # wide white page
+    pixels = process_image(encode(page, "PNG"), size=64, resize="pad")
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.float32
+    assert pixels[:, 32, 32].allclose(torch.ones(3))             # white -> +1 in the middle
+    grey = (PAD_COLOR[0] / 255 - 0.5) / 0.5
+    assert pixels[:, 2, 32].allclose(torch.full((3,), grey))     # grey bands above and below
+    assert abs(grey) < 0.005
+
+
+def test_resize_mode_stretches():
+    page = Image.new("RGB", (200, 100), (255, 255, 255))
+    assert process_image(page, size=64, resize="resize").min() == 1.0
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "LA", "RGBA", "CMYK", "I;16", "1"])
+def test_every_mode_becomes_rgb(mode):
+    image = Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    pixels = process_image(encode(image, fmt), size=32)
+    assert pixels.shape == (3, 32, 32) and torch.isfinite(pixels).all()
+
+
+def test_sixteen_bit_grey_is_rescaled_not_clipped():
+    mid = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    assert load_image(encode(mid, "PNG")).getpixel((4, 4)) == (127, 127, 127)
+
+
+def test_transparent_pixels_go_on_white():
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert load_image(encode(clear, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (60, 20), (0, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6                                              # "rotate 90 CW to display"
+    assert load_image(encode(image, "JPEG", exif=exif)).size == (20, 60)
+
+
+def test_truncated_bytes_fail_clearly():
+    data = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")
+    with pytest.raises(ImageError, match="cannot decode"):
+        load_image(data[: len(data) // 2])
+
+
+def test_unknown_format_fails_clearly():
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        load_image(b"%PDF-1.4 definitely not an image")
+
+
+def test_decompression_bomb_fails_clearly(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match="pixel limit"):
+        load_image(encode(Image.new("L", (40, 30)), "PNG"))     # 1200 px: between 1x and 2x the limit
+
+
+def test_mode_token_counts_follow_the_config():
+    cfg = config.d20()
+    counts = {}
+    for mode in config.RESOLUTION_MODES:
+        cfg.set_mode(mode)
+        counts[mode] = cfg.image_tokens
+    assert counts == {"tiny": 73, "small": 111, "base": 273, "large": 421}
+    assert config.tiny().image_tokens == 73
