@@ -140,10 +140,11 @@ def tiny() -> VLMConfig:
         sam=SamConfig(image_size=256, patch_size=8, width=64, depth=4, heads=2, window_size=8,
                       global_attn_indexes=(1, 3), neck_channels=32, compressor_channels=(64, 128)),
         clip=ClipConfig(width=128, depth=2, heads=2, mlp_dim=512, pos_grid=8),
-        gpt=GPTConfig(sequence_len=1024, vocab_size=2049, n_layer=4, n_head=2, n_kv_head=2, n_embd=128),
+        # vocab: the shipped tiny tokenizer (753 BPE ranks + nanochat's 9 specials + <|image|>)
+        gpt=GPTConfig(sequence_len=1024, vocab_size=763, n_layer=4, n_head=2, n_kv_head=2, n_embd=128),
         image_size=256,
         image_resize="pad",
-        image_token_id=2048,
+        image_token_id=762,
     ).validate()
 
 
