@@ -28,6 +28,11 @@ SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 IMAGE_TOKEN = "<|image|>"
 IMAGE_PLACEHOLDER = "<image>"     # what prompts write (DeepSeek-OCR style); expanded to the image's embedding count
 FORMAT = "ocr_vlm-tokenizer-v1"
+# The tiny preset's tokenizer, trained on the synthetic renderer's corpus:
+#   python -m ocr_vlm.data.render corpus --n 3000 --out corpus.txt
+#   python -m ocr_vlm.tokenizer train --input corpus.txt --vocab-size 2048 --out ocr_vlm/assets/tiny_tokenizer.json
+# (the corpus supports only 753 merges+bytes, so training stops there: 763 tokens with the specials and <|image|>)
+TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
 
 
 class TokenizerError(ValueError):

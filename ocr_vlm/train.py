@@ -30,10 +30,9 @@ from ocr_vlm.config import ConfigError, TrainConfig
 from ocr_vlm.data.loader import Loader
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.vlm import COMPONENTS, build_model
-from ocr_vlm.tokenizer import Tokenizer
+from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
 from ocr_vlm.tracking import Tracker
 
-TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
 CHECKPOINTS = "checkpoints"
 
 

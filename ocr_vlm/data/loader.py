@@ -56,6 +56,8 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int
         raise BadSample("bad_json", "json is not an object")
     image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if image_key is None:
+        if "prompt" in meta or "response" in meta:
+            raise BadSample("missing_image", "vision sample has no image member")
         if not isinstance(meta.get("messages"), list):
             raise BadSample("bad_fields", "text sample needs a 'messages' list")
         try:

@@ -1,0 +1,174 @@
+"""Streaming loader: split across ranks x workers, packing, mixing, exact resume, and skipped-sample counters."""
+
+import io
+import json
+import struct
+import zlib
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from ocr_vlm import config
+from ocr_vlm.config import DataConfig
+from ocr_vlm.data.loader import Loader
+from ocr_vlm.data.shards import Record, write_shards
+from ocr_vlm.data.stream import ShardSet, slot_ranges
+from ocr_vlm.model.gpt import IGNORE_INDEX
+from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
+
+VLM = config.tiny()
+TOK = Tokenizer.load(TINY_TOKENIZER)
+
+
+def png(size=(24, 16), color=(255, 255, 255)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def page(key: str, response: str) -> Record:
+    meta = {"id": key, "prompt": "<image>\nFree OCR.", "response": response}
+    return Record(key, meta, png(color=(len(response) % 255, 100, 200)), "png")
+
+
+def chat(key: str, answer: str) -> Record:
+    return Record(key, {"id": key, "messages": [{"role": "user", "content": "say it"},
+                                                {"role": "assistant", "content": answer}]})
+
+
+def responses_in(batch) -> list[str]:
+    """Decode each packed sample's supervised targets back to text (without the end token)."""
+    out = []
+    for row_targets, row_docs in zip(batch["targets"], batch["doc_ids"]):
+        for doc in row_docs.unique().tolist():
+            if doc >= 0:
+                t = row_targets[row_docs == doc]
+                out.append(TOK.decode(t[t != IGNORE_INDEX].tolist()).removesuffix("<|assistant_end|>"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """30 pages in 3 shards (fewer shards than the 4 rank x worker slots) and 40 chats in 2 shards."""
+    root = tmp_path_factory.mktemp("corpus")
+    texts = [f"PAGE {i} TOTAL {i * 3}.{i:02d}" for i in range(30)]
+    write_shards([page(f"p{i:03d}", t) for i, t in enumerate(texts)], root / "pages", max_count=10)
+    write_shards([chat(f"c{i:03d}", f"answer {i}") for i in range(40)], root / "chats", max_count=20)
+    return root, texts
+
+
+def data(root, **kw) -> DataConfig:
+    base = dict(shards=str(root / "pages"), seq_len=400, batch_rows=2, num_workers=2, shuffle_buffer=8, seed=7)
+    return DataConfig(**(base | kw))
+
+
+def test_slot_ranges_are_balanced_and_cover_the_epoch(corpus):
+    shards = ShardSet.from_spec(str(corpus[0] / "pages"))
+    sizes = [sum(b - a for _, a, b in slot_ranges(shards, s, 4, epoch=0, seed=7)) for s in range(4)]
+    assert sorted(sizes) == [7, 7, 8, 8]
+
+
+def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(corpus):
+    root, texts = corpus
+    seen = []
+    for rank in range(2):
+        seen += [r for b in Loader(data(root), VLM, TINY_TOKENIZER, rank, 2, finite=True) for r in responses_in(b)]
+    assert sorted(seen) == sorted(texts)
+
+
+def test_endless_stream_gives_every_rank_batches_and_image_counts_match(corpus):
+    root, _ = corpus
+    for rank in range(2):
+        batches = iter(Loader(data(root), VLM, TINY_TOKENIZER, rank, 2))
+        for _ in range(12):                         # several epochs of this rank's 15 samples
+            b = next(batches)
+            n_images = int((b["input_ids"] == VLM.image_token_id).sum()) // VLM.image_tokens
+            assert b["pixel_values"].shape == (n_images, 3, VLM.image_size, VLM.image_size)
+            assert n_images == b["counters"]["vision_samples"]
+
+
+def test_rows_are_packed_full_and_positions_restart(corpus):
+    root, _ = corpus
+    batch = next(iter(Loader(data(root, shuffle_buffer=0, num_workers=0), VLM, TINY_TOKENIZER)))
+    sample_len = int((batch["doc_ids"][0] == 0).sum())
+    for docs, positions, ids in zip(batch["doc_ids"], batch["position_ids"], batch["input_ids"]):
+        used = int((docs >= 0).sum())
+        assert used > 400 - sample_len - 2            # the next sample would not have fit
+        for doc in range(int(docs.max()) + 1):
+            span = docs == doc
+            assert positions[span].tolist() == list(range(int(span.sum())))
+            assert ids[span][0] == TOK.bos_id
+
+
+def test_resume_continues_at_the_exact_next_batch(corpus):
+    root, _ = corpus
+    cfg = data(root, text_shards=str(root / "chats"), text_ratio=0.3)
+    first = Loader(cfg, VLM, TINY_TOKENIZER, rank=1, world=2)
+    stream = iter(first)
+    for _ in range(5):
+        next(stream)
+    state = json.loads(json.dumps(first.state_dict()))          # as it travels through a checkpoint
+    expected = [next(stream) for _ in range(6)]
+    resumed = Loader(cfg, VLM, TINY_TOKENIZER, rank=1, world=2)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, iter(resumed)):
+        for key in ("input_ids", "targets", "position_ids", "doc_ids", "pixel_values"):
+            assert torch.equal(want[key], got[key]), key
+        assert want["counters"] == got["counters"]
+
+
+def test_mixing_ratio_within_two_percent(corpus):
+    root, _ = corpus
+    cfg = data(root, text_shards=str(root / "chats"), text_ratio=0.1, num_workers=0, seq_len=4000, batch_rows=1)
+    counts = Counter()
+    for batch in Loader(cfg, VLM, TINY_TOKENIZER):
+        counts.update(batch["counters"])
+        if counts["samples"] >= 2000:
+            break
+    assert abs(counts["text_samples"] / counts["samples"] - 0.1) <= 0.02
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG header announcing a huge image: Pillow must refuse it before allocating anything."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_corrupt_samples_are_skipped_and_counted_by_reason(tmp_path):
+    good = png()
+    bad = [
+        Record("truncated", {"prompt": "p", "response": "r"}, good[: len(good) // 2], "png"),
+        Record("notimage", {"prompt": "p", "response": "r"}, b"GIF89a but not really", "png"),
+        Record("bomb", {"prompt": "p", "response": "r"}, png_claiming(30000, 30000), "png"),
+        Record("nofield", {"prompt": "p"}, good, "png"),
+        Record("wrongtype", {"prompt": "p", "response": 3}, good, "png"),
+        Record("nomessages", {"text": "hello"}),
+        page("toolong", "word " * 2000),                           # > seq_len tokens: cannot be packed
+    ]
+    samples = bad + [page(f"ok{i}", f"fine {i}") for i in range(4)]
+    write_shards(samples, tmp_path / "d", max_count=20)
+    with open(tmp_path / "d" / "shard-000000.tar", "r+b") as f:     # non-UTF-8 JSON, same length
+        raw = f.read()
+        at = raw.index(b'{"prompt": "p", "response": 3}')
+        f.seek(at + 12)
+        f.write(b"\xff")
+    # A second shard cut inside its first image: that sample lacks its image, the rest are lost; the stream goes on.
+    write_shards([page(f"t{i}", f"tail {i}") for i in range(3)], tmp_path / "t", max_count=10)
+    tar = (tmp_path / "t" / "shard-000000.tar").read_bytes()
+    (tmp_path / "d" / "shard-000001.tar").write_bytes(tar[:1536])
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    index["shards"]["shard-000001.tar"] = 3
+    (tmp_path / "d" / "index.json").write_text(json.dumps(index))
+
+    cfg = DataConfig(shards=str(tmp_path / "d"), seq_len=2000, batch_rows=1, num_workers=0, shuffle_buffer=0)
+    counts = Counter()
+    for batch in Loader(cfg, VLM, TINY_TOKENIZER, finite=True):
+        counts.update(batch["counters"])
+    assert counts["samples"] == 4
+    assert {k: v for k, v in counts.items() if k.startswith("skipped/")} == {
+        "skipped/bad_image": 2, "skipped/image_too_large": 1, "skipped/bad_fields": 2, "skipped/bad_text": 1,
+        "skipped/missing_image": 1, "skipped/truncated_tar": 2, "skipped/too_long": 1}

@@ -1,0 +1,93 @@
+"""Tokenizer: nanochat layout plus <|image|>, rendering masks, pickle-free storage, and the trust-gated conversion."""
+
+import pickle
+
+import pytest
+import tiktoken
+
+from ocr_vlm.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TINY_TOKENIZER, Tokenizer, TokenizerError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load(TINY_TOKENIZER)
+
+
+def test_layout_matches_nanochat_plus_image(tok):
+    n_ranks = len(tok.enc._mergeable_ranks)
+    assert [tok.specials[name] for name in SPECIAL_TOKENS] == list(range(n_ranks, n_ranks + 9))
+    assert tok.image_id == n_ranks + 9 == tok.vocab_size - 1
+
+
+def test_unicode_round_trip_and_no_special_injection(tok):
+    text = "Größe 12.99 € — naïve café 東京 <|bos|> <|image|>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.bos_id not in ids and tok.image_id not in ids
+
+
+def test_render_sample_expands_images_and_masks_only_the_response(tok):
+    ids, mask = tok.render_sample("<image>\nFree OCR.", "TOTAL 12.47", image_tokens=73)
+    assert ids.count(tok.image_id) == 73
+    assert ids[:2] == [tok.bos_id, tok.user_start_id] and ids[-1] == tok.assistant_end_id
+    supervised = [i for i, m in zip(ids, mask) if m]
+    assert tok.decode(supervised) == "TOTAL 12.47<|assistant_end|>"
+    two_images, _ = tok.render_sample("<image> and <image>: compare", "same", image_tokens=5)
+    assert two_images.count(tok.image_id) == 10
+    no_placeholder, _ = tok.render_sample("Free OCR.", "x", image_tokens=5)   # prepended as "<image>\n"
+    assert no_placeholder[2:7] == [tok.image_id] * 5
+    assert tok.render_prompt("<image>\nFree OCR.", 73) == ids[:ids.index(tok.assistant_start_id) + 1]
+
+
+def test_render_conversation_masks_assistant_turns(tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
+                {"role": "assistant", "content": "6"}]
+    ids, mask = tok.render_conversation(messages)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "4<|assistant_end|>6<|assistant_end|>"
+    assert tok.decode(ids).startswith("<|bos|><|user_start|>Be brief.\n\n2+2?<|user_end|>")
+    with pytest.raises(TokenizerError, match=r"messages\[1\]: role 'user', expected 'assistant'"):
+        tok.render_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(TokenizerError, match=r"messages\[0\]"):
+        tok.render_conversation([{"role": "user", "content": 3}])
+
+
+def test_json_round_trip_and_corrupt_files(tok, tmp_path):
+    tok.save(tmp_path / "t.json")
+    again = Tokenizer.load(tmp_path / "t.json")
+    sample = "CORNER MARKET\nTOTAL 40.26"
+    assert again.encode(sample) == tok.encode(sample) and again.specials == tok.specials
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot read tokenizer JSON"):
+        Tokenizer.load(tmp_path / "bad.json")
+    (tmp_path / "wrong.json").write_text('{"format": "ocr_vlm-tokenizer-v1", "pattern": "x"}')
+    with pytest.raises(TokenizerError, match="'special_tokens' missing"):
+        Tokenizer.load(tmp_path / "wrong.json")
+
+
+def nanochat_pickle(directory):
+    """A nanochat-style tokenizer.pkl: byte ranks + one merge, the 9 specials after them."""
+    ranks = {bytes([b]): b for b in range(256)} | {b"he": 256}
+    specials = {name: 257 + i for i, name in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding(name="nanochat", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    with open(directory / "tokenizer.pkl", "wb") as f:
+        pickle.dump(enc, f)
+    return enc
+
+
+def test_nanochat_pickle_converts_only_on_explicit_trust(tmp_path):
+    enc = nanochat_pickle(tmp_path)
+    with pytest.raises(TokenizerError, match="is a pickle"):
+        Tokenizer.from_nanochat_dir(tmp_path)
+    tok = Tokenizer.from_nanochat_dir(tmp_path, trust_pickle=True)
+    assert tok.image_id == enc.n_vocab == 266 and tok.vocab_size == 267
+    assert tok.encode("hello") == enc.encode_ordinary("hello")
+    tok.save(tmp_path / "tokenizer.json")
+    assert Tokenizer.load(tmp_path / "tokenizer.json").encode("the hero") == enc.encode_ordinary("the hero")
+
+
+def test_train_reaches_requested_size(tmp_path):
+    words = [f"word{i} token{i * 7} " for i in range(400)]
+    tok = Tokenizer.train(words * 5, vocab_size=300)
+    assert tok.vocab_size == 301 and tok.image_id == 300
+    assert tok.decode(tok.encode("word12 token84")) == "word12 token84"
