@@ -71,6 +71,11 @@ class VLM(nn.Module):
         if n_images:
             vision = self.encode_images(pixel_values).to(x.dtype)
             x = x.masked_scatter(slots.unsqueeze(-1), vision)
+        elif self.training:
+            # A text-only batch still runs the towers, on a blank image weighted by zero: under ZeRO-3 every rank
+            # gathers the towers' parameters collectively each step, and every trainable parameter gets a gradient.
+            blank = x.new_zeros(1, 3, self.cfg.image_size, self.cfg.image_size)
+            x = x + 0.0 * self.encode_images(blank).sum()
         return x
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,

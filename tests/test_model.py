@@ -1,0 +1,130 @@
+"""The VLM end to end at tiny scale: image merge, losses, packing isolation, checkpointing, d20 sizes on meta."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ocr_vlm import config
+from ocr_vlm.model.__main__ import summary_rows
+from ocr_vlm.model.gpt import IGNORE_INDEX, chunked_cross_entropy, softcap
+from ocr_vlm.model.vlm import build_model
+
+CFG = config.tiny()
+N_IMG = CFG.image_tokens
+
+
+def trained_like(seed=0):
+    """Random weights everywhere: nanochat's zero-initialised projections would make gradients vanish at step 0."""
+    torch.manual_seed(seed)
+    model = build_model(CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def sequence(*segments):
+    """Token ids from segments: an int n -> n image placeholders, a list -> those ids."""
+    ids = []
+    for seg in segments:
+        ids += [CFG.image_token_id] * seg if isinstance(seg, int) else seg
+    return torch.tensor([ids])
+
+
+def test_forward_backward_reaches_every_trainable_parameter():
+    model = trained_like()
+    ids = torch.cat([sequence([1, 2], N_IMG, list(range(3, 78))), sequence([5], N_IMG, [7], N_IMG, [1, 2])])
+    targets = ids.roll(-1, 1).masked_fill(ids == CFG.image_token_id, IGNORE_INDEX)
+    pixels = torch.randn(3, 3, CFG.image_size, CFG.image_size)
+    loss = model(ids, targets=targets, pixel_values=pixels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_placeholder_count_mismatch_names_both_counts():
+    model = trained_like()
+    with pytest.raises(ValueError, match=rf"2 image\(s\) need {2 * N_IMG} <\|image\|> placeholders .* holds {N_IMG}"):
+        model(sequence([1], N_IMG, [2]), pixel_values=torch.randn(2, 3, CFG.image_size, CFG.image_size))
+
+
+def test_text_only_training_batch_still_gives_the_towers_a_gradient():
+    model = trained_like().train()
+    loss = model(sequence(list(range(1, 20))), targets=sequence(list(range(2, 21))))
+    loss.backward()
+    assert model.sam_model.net_3.weight.grad is not None and model.projector.layers.weight.grad is not None
+
+
+def test_packed_samples_do_not_see_each_other():
+    """Changing sample A (image and text) leaves sample B's logits unchanged; B equals B run alone."""
+    model = trained_like().eval()
+    a_len, b = N_IMG + 12, sequence([9], N_IMG, list(range(40, 60)))
+    b_len = b.shape[1]
+    doc_ids = torch.tensor([[0] * a_len + [1] * b_len])
+    positions = torch.cat([torch.arange(a_len), torch.arange(b_len)]).unsqueeze(0)
+    img_b = torch.randn(1, 3, CFG.image_size, CFG.image_size)
+
+    def packed_logits(a_tokens, a_image):
+        ids = torch.cat([sequence([3], N_IMG, a_tokens), b], dim=1)
+        with torch.no_grad():
+            return model(ids, pixel_values=torch.cat([a_image, img_b]), position_ids=positions, doc_ids=doc_ids)
+
+    first = packed_logits(list(range(100, 111)), torch.randn(1, 3, CFG.image_size, CFG.image_size))
+    second = packed_logits(list(range(200, 211)), torch.randn(1, 3, CFG.image_size, CFG.image_size))
+    with torch.no_grad():
+        alone = model(b, pixel_values=img_b)
+    assert not torch.allclose(first[:, :a_len], second[:, :a_len])
+    assert (first[:, a_len:] - second[:, a_len:]).abs().max() == 0
+    assert (first[:, a_len:] - alone).abs().max() <= 1e-5
+
+
+def test_chunked_loss_equals_full_cross_entropy_in_value_and_gradient():
+    torch.manual_seed(0)
+    h = torch.randn(2, 50, 16, requires_grad=True)
+    w = torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (2, 50))
+    targets[0, :10] = IGNORE_INDEX
+    full = F.cross_entropy(softcap(h @ w.T, 15.0).reshape(-1, 97), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    grads_full = torch.autograd.grad(full, (h, w))
+    chunked = chunked_cross_entropy(h, w, targets, 15.0, chunk=16)
+    grads_chunked = torch.autograd.grad(chunked, (h, w))
+    assert (full - chunked).abs() <= 1e-6
+    for a, b in zip(grads_full, grads_chunked):
+        assert (a - b).abs().max() <= 1e-6
+    nothing = chunked_cross_entropy(h, w, torch.full_like(targets, IGNORE_INDEX), 15.0)
+    assert nothing.item() == 0 and torch.autograd.grad(nothing, w)[0].abs().sum() == 0
+
+
+def test_activation_checkpointing_changes_nothing_numerically():
+    ids = sequence([1], N_IMG, list(range(2, 30)))
+    targets = ids.roll(-1, 1)
+    pixels = torch.randn(1, 3, CFG.image_size, CFG.image_size)
+    results = []
+    for on in (False, True):
+        model = trained_like()
+        model.set_activation_checkpointing(sam=on, clip=on, gpt=on)
+        loss = model(ids, targets=targets, pixel_values=pixels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    assert torch.equal(loss_off, loss_on)
+    assert all((grads_off[n] - grads_on[n]).abs().max() <= 1e-6 for n in grads_off)
+
+
+def test_d20_parameter_counts_on_meta():
+    counts = dict(summary_rows(config.d20()))
+    expected = {"sam": 95.57e6, "clip": 302.6e6, "projector": 2.62e6, "gpt": 560_988_160 + 2 * 1280, "total": 962e6}
+    for name, value in expected.items():
+        assert abs(counts[name] - value) / value <= 0.005, name
+    assert counts["gpt"] == 560_990_720                     # nanochat d20 exactly, plus the <|image|> rows
+
+
+@pytest.mark.parametrize("mode, grid", [("tiny", 8), ("small", 10), ("base", 16), ("large", 20)])
+def test_d20_encoder_shapes_per_mode_on_meta(mode, grid):
+    cfg = config.d20()
+    cfg.set_mode(mode)
+    model = build_model(cfg, device="meta")
+    pixels = torch.empty(2, 3, cfg.image_size, cfg.image_size, device="meta")
+    assert model.sam_model(pixels).shape == (2, 1024, grid, grid)
+    assert model.encode_images(pixels).shape == (2, grid * (grid + 1) + 1, 1280)
