@@ -39,16 +39,35 @@ class TokenizerError(ValueError):
     """A tokenizer file or input is invalid; the message says which part."""
 
 
+def check_layout(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> dict[str, int]:
+    """nanochat's id layout, which GPT embedding rows rely on: ranks 0..n-1 covering every single byte (so any
+    text encodes), nanochat's 9 specials at n..n+8 in order, `<|image|>` at n+9 (appended here when absent).
+    Returns the specials with `<|image|>`."""
+    n = len(ranks)
+    if sorted(ranks.values()) != list(range(n)):
+        raise TokenizerError(f"mergeable_ranks: ranks must be exactly 0..{n - 1}, each once")
+    missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing_bytes:
+        raise TokenizerError(f"mergeable_ranks: {len(missing_bytes)} single bytes have no token "
+                             f"(first: {missing_bytes[0]})")
+    expected = {name: n + i for i, name in enumerate(SPECIAL_TOKENS + (IMAGE_TOKEN,))}
+    specials = dict(special_tokens)
+    specials.setdefault(IMAGE_TOKEN, expected[IMAGE_TOKEN])
+    if specials != expected:
+        wrong = [f"{name} = {specials.get(name)} (expected {expected.get(name)})"
+                 for name in sorted(specials.keys() | expected.keys()) if specials.get(name) != expected.get(name)]
+        raise TokenizerError(f"special_tokens: nanochat's 9 specials then {IMAGE_TOKEN} must take ids {n}..{n + 9} "
+                             f"in order, right after the {n} ranks; wrong: {', '.join(wrong)}")
+    return specials
+
+
 class Tokenizer:
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int]):
-        missing = [t for t in SPECIAL_TOKENS if t not in special_tokens]
-        if missing:
-            raise TokenizerError(f"special_tokens: missing nanochat's {missing}")
-        specials = dict(special_tokens)
-        specials.setdefault(IMAGE_TOKEN, len(mergeable_ranks) + len(specials))
+        specials = check_layout(mergeable_ranks, special_tokens)
+        self.ranks, self.pattern, self.specials = mergeable_ranks, pattern, specials
         self.enc = tiktoken.Encoding(name="ocr_vlm", pat_str=pattern, mergeable_ranks=mergeable_ranks,
                                      special_tokens=specials)
-        self.specials = specials
+        self.special_ids = frozenset(specials.values())
         self.bos_id = specials["<|bos|>"]
         self.user_start_id, self.user_end_id = specials["<|user_start|>"], specials["<|user_end|>"]
         self.assistant_start_id = specials["<|assistant_start|>"]
@@ -78,6 +97,8 @@ class Tokenizer:
         return self._user_turn(prompt, image_tokens)[0]
 
     def _user_turn(self, prompt: str, image_tokens: int) -> tuple[list[int], list[int]]:
+        if not isinstance(image_tokens, int) or image_tokens < 1:
+            raise TokenizerError(f"image_tokens: expected a positive int, got {image_tokens!r}")
         if IMAGE_PLACEHOLDER not in prompt:
             prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
         ids = [self.bos_id, self.user_start_id]
@@ -114,8 +135,8 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        ranks = sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1])
-        data = {"format": FORMAT, "pattern": self.enc._pat_str, "special_tokens": self.specials,
+        ranks = sorted(self.ranks.items(), key=lambda kv: kv[1])
+        data = {"format": FORMAT, "pattern": self.pattern, "special_tokens": self.specials,
                 "mergeable_ranks": [base64.b64encode(token).decode("ascii") for token, _ in ranks]}
         Path(path).write_text(json.dumps(data, indent=0, ensure_ascii=True))
 
@@ -144,20 +165,29 @@ class Tokenizer:
         """Convert nanochat's `tokenizer.pkl`. Unpickling runs code from the file, so only on explicit trust."""
         path = Path(directory) / "tokenizer.pkl"
         if not trust_pickle:
-            raise TokenizerError(f"{path} is a pickle, and loading a pickle can run arbitrary code. If you trust it, "
-                                 "convert it once: python -m ocr_vlm.tokenizer convert --nanochat-dir "
+            raise TokenizerError(f"{path} is a pickle, and loading a pickle can run arbitrary code. If you "
+                                 "trust it, convert it once: python -m ocr_vlm.tokenizer convert --nanochat-dir "
                                  f"{Path(directory)} --trust-pickle --out tokenizer.json")
+        if not path.is_file():
+            raise TokenizerError(f"{path}: not found (expected nanochat's tokenizer directory)")
         with open(path, "rb") as f:
-            enc = pickle.load(f)
+            try:
+                enc = pickle.load(f)
+            except Exception as e:   # a broken pickle fails in many ways; all mean "not a nanochat tokenizer"
+                raise TokenizerError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
         if not isinstance(enc, tiktoken.Encoding):
             raise TokenizerError(f"{path}: holds a {type(enc).__name__}, not a tiktoken Encoding")
         return cls(dict(enc._mergeable_ranks), enc._pat_str, dict(enc._special_tokens))
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
-        """BPE with nanochat's trainer (rustbpe); `vocab_size` counts nanochat's 9 specials, not `<|image|>`."""
+        """BPE with nanochat's trainer (rustbpe); `vocab_size` counts nanochat's 9 specials, not `<|image|>`.
+        A small corpus can run out of pairs to merge, and then the vocabulary stops short of `vocab_size`."""
         import rustbpe
 
+        smallest = 256 + len(SPECIAL_TOKENS)   # rustbpe starts from the 256 bytes (and panics below that)
+        if vocab_size < smallest:
+            raise TokenizerError(f"vocab_size: {vocab_size} is below {smallest} (256 bytes + 9 specials)")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
@@ -177,12 +207,20 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    if args.command == "convert":
-        tok = Tokenizer.from_nanochat_dir(args.nanochat_dir, trust_pickle=args.trust_pickle)
-    else:
-        tok = Tokenizer.train((Path(p).read_text() for p in args.input), args.vocab_size)
-    tok.save(args.out)
+    try:
+        if args.command == "convert":
+            tok = Tokenizer.from_nanochat_dir(args.nanochat_dir, trust_pickle=args.trust_pickle)
+        else:
+            missing = [p for p in args.input if not Path(p).is_file()]
+            if missing:
+                parser.error(f"--input: not a file: {', '.join(missing)}")
+            tok = Tokenizer.train((Path(p).read_text(encoding="utf-8") for p in args.input), args.vocab_size)
+        tok.save(args.out)
+    except (TokenizerError, OSError, UnicodeDecodeError) as e:
+        parser.error(str(e))
     print(f"wrote {args.out}: vocab {tok.vocab_size} (<|image|> = {tok.image_id})")
+    if args.command == "train" and tok.vocab_size < args.vocab_size + 1:
+        print(f"note: the corpus ran out of merges before --vocab-size {args.vocab_size}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 
@@ -28,7 +29,7 @@ class Tracker:
             if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "disabled":
                 os.environ.setdefault("WANDB_MODE", "offline")
             run_id_file = self.run_dir / "wandb_run_id"
-            run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else wandb.util.generate_id()
+            run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else secrets.token_hex(4)
             run_id_file.write_text(run_id)
             self.wandb = wandb.init(project=project, name=run_name or self.run_dir.name, id=run_id,
                                     resume="allow", dir=str(self.run_dir), config=config)

@@ -51,11 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         parser.error(str(e))
     _init_distributed()
-    try:
-        Trainer(cfg, args.ds_config).run()
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
+    # On an exception this rank exits non-zero and the launcher stops the others; waiting for them here would hang.
+    Trainer(cfg, args.ds_config).run()
+    dist.barrier()
+    dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
 
 
 def _init_distributed() -> None:
@@ -134,7 +133,7 @@ class Trainer:
         batches = iter(self.loader)
         bad_in_a_row = 0
         while self.step < self.cfg.steps:
-            started = time.perf_counter()
+            started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
             losses, counters, skipped_micro = [], {}, 0
             while len(losses) < self.gas:
                 batch = next(batches)
@@ -155,7 +154,7 @@ class Trainer:
                 for k, v in batch["counters"].items():
                     counters[k] = counters.get(k, 0) + v
             self.step += 1
-            self._log(torch.stack(losses).mean(), counters, skipped_micro, time.perf_counter() - started)
+            self._log(torch.stack(losses).mean(), lr, counters, skipped_micro, time.perf_counter() - started)
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 self.evaluate()
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
@@ -176,7 +175,7 @@ class Trainer:
     def _bf16(self) -> bool:
         return bool(self.ds_config.get("bf16", {}).get("enabled"))
 
-    def _log(self, loss: torch.Tensor, counters: dict, skipped_micro: int, dt: float) -> None:
+    def _log(self, loss: torch.Tensor, lr: float, counters: dict, skipped_micro: int, dt: float) -> None:
         totals = torch.tensor([loss.float().item(), counters.get("tokens", 0), counters.get("samples", 0),
                                counters.get("vision_samples", 0),
                                sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
@@ -185,7 +184,7 @@ class Trainer:
         tokens, samples, images, skipped = (int(x) for x in totals[1:])
         grad_norm = self.engine.get_global_grad_norm()
         train_flops = tokens * self.token_flops + images * self.image_flops
-        metrics = {"loss": loss_mean, "lr": self.scheduler.get_last_lr()[0],
+        metrics = {"loss": loss_mean, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "dt_ms": dt * 1000, "tokens_per_s": tokens / dt, "samples_per_s": samples / dt,
                    "tflops_per_s": train_flops / dt / 1e12, "skipped_samples": skipped,

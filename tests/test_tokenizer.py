@@ -1,11 +1,13 @@
 """Tokenizer: nanochat layout plus <|image|>, rendering masks, pickle-free storage, and the trust-gated conversion."""
 
+import json
 import pickle
 
 import pytest
 import tiktoken
 
-from ocr_vlm.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TINY_TOKENIZER, Tokenizer, TokenizerError
+from ocr_vlm.tokenizer import (IMAGE_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN, TINY_TOKENIZER, Tokenizer,
+                               TokenizerError, main)
 
 
 @pytest.fixture(scope="module")
@@ -14,9 +16,10 @@ def tok():
 
 
 def test_layout_matches_nanochat_plus_image(tok):
-    n_ranks = len(tok.enc._mergeable_ranks)
+    n_ranks = len(tok.ranks)
     assert [tok.specials[name] for name in SPECIAL_TOKENS] == list(range(n_ranks, n_ranks + 9))
     assert tok.image_id == n_ranks + 9 == tok.vocab_size - 1
+    assert tok.special_ids == set(range(n_ranks, n_ranks + 10))
 
 
 def test_unicode_round_trip_and_no_special_injection(tok):
@@ -50,6 +53,14 @@ def test_render_conversation_masks_assistant_turns(tok):
         tok.render_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(TokenizerError, match=r"messages\[0\]"):
         tok.render_conversation([{"role": "user", "content": 3}])
+    text_only, _ = tok.render_conversation([{"role": "user", "content": "<image> is text here"},
+                                            {"role": "assistant", "content": "ok"}])
+    assert tok.image_id not in text_only and "<image> is text here" in tok.decode(text_only)
+
+
+def test_render_rejects_a_non_positive_image_count(tok):
+    with pytest.raises(TokenizerError, match="image_tokens"):
+        tok.render_sample("<image>\nFree OCR.", "x", image_tokens=0)
 
 
 def test_json_round_trip_and_corrupt_files(tok, tmp_path):
@@ -63,12 +74,33 @@ def test_json_round_trip_and_corrupt_files(tok, tmp_path):
     (tmp_path / "wrong.json").write_text('{"format": "ocr_vlm-tokenizer-v1", "pattern": "x"}')
     with pytest.raises(TokenizerError, match="'special_tokens' missing"):
         Tokenizer.load(tmp_path / "wrong.json")
+    data = json.loads((tmp_path / "t.json").read_text())
+    swapped = dict(data, special_tokens=dict(data["special_tokens"], **{"<|bos|>": tok.user_start_id,
+                                                                          "<|user_start|>": tok.bos_id}))
+    (tmp_path / "swapped.json").write_text(json.dumps(swapped))
+    with pytest.raises(TokenizerError, match=r"<\|bos\|> = \d+ \(expected \d+\)"):
+        Tokenizer.load(tmp_path / "swapped.json")
+    repeated = dict(data, mergeable_ranks=data["mergeable_ranks"] + data["mergeable_ranks"][:1])
+    (tmp_path / "repeated.json").write_text(json.dumps(repeated))
+    with pytest.raises(TokenizerError, match="repeats a token"):
+        Tokenizer.load(tmp_path / "repeated.json")
 
 
-def nanochat_pickle(directory):
+def test_layout_checks_ranks_and_bytes():
+    ranks = {bytes([b]): b for b in range(256)}
+    specials = {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)}
+    assert Tokenizer(ranks, SPLIT_PATTERN, specials).image_id == 265
+    with pytest.raises(TokenizerError, match=r"ranks must be exactly 0\.\.256"):
+        Tokenizer(ranks | {b"ab": 300}, SPLIT_PATTERN, specials)
+    no_zero_byte = {bytes([b]): b - 1 for b in range(1, 256)} | {b"ab": 255}
+    with pytest.raises(TokenizerError, match="1 single bytes have no token"):
+        Tokenizer(no_zero_byte, SPLIT_PATTERN, specials)
+
+
+def nanochat_pickle(directory, extra_specials=()):
     """A nanochat-style tokenizer.pkl: byte ranks + one merge, the 9 specials after them."""
     ranks = {bytes([b]): b for b in range(256)} | {b"he": 256}
-    specials = {name: 257 + i for i, name in enumerate(SPECIAL_TOKENS)}
+    specials = {name: 257 + i for i, name in enumerate(SPECIAL_TOKENS + tuple(extra_specials))}
     enc = tiktoken.Encoding(name="nanochat", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     with open(directory / "tokenizer.pkl", "wb") as f:
         pickle.dump(enc, f)
@@ -86,8 +118,38 @@ def test_nanochat_pickle_converts_only_on_explicit_trust(tmp_path):
     assert Tokenizer.load(tmp_path / "tokenizer.json").encode("the hero") == enc.encode_ordinary("the hero")
 
 
+def test_nanochat_conversion_checks_the_specials_and_the_file(tmp_path):
+    with pytest.raises(TokenizerError, match="not found"):
+        Tokenizer.from_nanochat_dir(tmp_path, trust_pickle=True)
+    nanochat_pickle(tmp_path, extra_specials=[IMAGE_TOKEN])   # the prototype's pickle already holds <|image|>
+    assert Tokenizer.from_nanochat_dir(tmp_path, trust_pickle=True).image_id == 266
+    nanochat_pickle(tmp_path, extra_specials=["<|audio|>"])
+    with pytest.raises(TokenizerError, match="<\\|audio\\|>"):
+        Tokenizer.from_nanochat_dir(tmp_path, trust_pickle=True)
+
+
+def test_cli_convert_refuses_without_trust_and_writes_json_with_it(tmp_path, capsys):
+    nanochat_pickle(tmp_path)
+    out = tmp_path / "tokenizer.json"
+    with pytest.raises(SystemExit):
+        main(["convert", "--nanochat-dir", str(tmp_path), "--out", str(out)])
+    assert "is a pickle" in capsys.readouterr().err and not out.exists()
+    main(["convert", "--nanochat-dir", str(tmp_path), "--trust-pickle", "--out", str(out)])
+    assert Tokenizer.load(out).image_id == 266
+
+
 def test_train_reaches_requested_size(tmp_path):
     words = [f"word{i} token{i * 7} " for i in range(400)]
     tok = Tokenizer.train(words * 5, vocab_size=300)
     assert tok.vocab_size == 301 and tok.image_id == 300
     assert tok.decode(tok.encode("word12 token84")) == "word12 token84"
+    with pytest.raises(TokenizerError, match="vocab_size: 200 is below 265"):
+        Tokenizer.train(words, vocab_size=200)
+
+
+def test_cli_train_writes_a_loadable_tokenizer(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"TOTAL {i}.{i % 100:02d}\nInvoice {i * 3}\n" for i in range(300)))
+    main(["train", "--input", str(corpus), "--vocab-size", "290", "--out", str(tmp_path / "tok.json")])
+    tok = Tokenizer.load(tmp_path / "tok.json")
+    assert tok.vocab_size == 291 and tok.decode(tok.encode("TOTAL 7.07")) == "TOTAL 7.07"
