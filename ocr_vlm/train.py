@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
 from ocr_vlm import config, flops, recipe, weights
 from ocr_vlm.config import ConfigError, TrainConfig
@@ -240,7 +242,9 @@ class Trainer:
         dist.all_gather_object(states, {"loader": self.loader.state_dict(), "rng": _rng_state()})
         tag = f"step{self.step:06d}"
         ckpt_dir = self.out / CHECKPOINTS
-        client = {"step": self.step, "ranks": states, "recipe": config.to_dict(self.cfg)}
+        client = {"step": self.step, "ranks": states, "recipe": config.to_dict(self.cfg),
+                  # lets ds_to_universal convert it for a resume on another world size (no tensor parallelism here)
+                  UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()
         if self.rank == 0:
