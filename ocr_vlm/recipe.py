@@ -32,12 +32,12 @@ def build_config(overrides: list[str]) -> TrainConfig:
         raise ConfigError(f"stage: {stage} is not 1 or 2")
     preset = picked.get("preset", "tiny")
     cfg = TrainConfig(stage=stage, preset=preset, model=config.preset(preset))
+    for arg in overrides:                  # a resolution mode sets image_size and its resize rule together
+        if arg.startswith("--mode="):
+            cfg.model.set_mode(arg.split("=", 1)[1])
     defaults = [f"--{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in STAGES[stage].items()]
-    cfg = config.strict_overrides(cfg, defaults)
-    mode = [a for a in overrides if a.startswith("--mode=")]
-    for arg in mode:                       # a resolution mode sets image_size and its resize rule together
-        cfg.model.set_mode(arg.split("=", 1)[1])
-    return config.strict_overrides(cfg, [a for a in overrides if a not in mode])
+    # One pass, so validation sees the stage defaults and the user's values together.
+    return config.strict_overrides(cfg, defaults + [a for a in overrides if not a.startswith("--mode=")])
 
 
 def freeze(model, components: tuple[str, ...]) -> None:

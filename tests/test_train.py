@@ -114,11 +114,11 @@ def chats(tmp_path_factory):
 
 
 def test_stage2_zero3_freezes_sam_and_survives_text_only_micro_batches(zero2, chats, tmp_path):
-    args = ["--stage=2", f"--init=ocr_vlm={zero2 / 'export'}", f"--data.text_shards={chats}", "--data.text_ratio=0.5",
+    args = ["--stage=2", f"--init=ocr_vlm={zero2 / 'export'}", f"--data.text_shards={chats}", "--data.text_ratio=0.9",
             "--steps=4", "--lr=2e-3", "--checkpointing=sam,clip,gpt"]
     # The same data the two ranks will draw: at some micro-step one rank has only text while the other has pages.
     data = config.strict_overrides(config.DataConfig(), ["--shards=shards/tier1", f"--text_shards={chats}",
-                                                         "--text_ratio=0.5", "--seq_len=256", "--num_workers=1"])
+                                                         "--text_ratio=0.9", "--seq_len=256", "--num_workers=1"])
     streams = [iter(Loader(data, config.tiny(), TINY_TOKENIZER, rank, 2)) for rank in range(2)]
     has_pages = [[next(s)["counters"].get("vision_samples", 0) > 0 for _ in range(8)] for s in streams]
     assert any(a != b for a, b in zip(*has_pages))
