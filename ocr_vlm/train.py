@@ -30,6 +30,7 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL
 from ocr_vlm import config, flops, recipe, weights
 from ocr_vlm.config import ConfigError, TrainConfig
 from ocr_vlm.data.loader import Loader
+from ocr_vlm.image import normalize
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.vlm import COMPONENTS, build_model
 from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
@@ -92,6 +93,9 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=self.ds_config)
         self.gas = self.engine.gradient_accumulation_steps()
+        self._print(f"engine: ZeRO-{self.ds_config['zero_optimization'].get('stage', 0)}, "
+                    f"{'bf16' if self._bf16 else 'fp32'}, {type(optimizer).__name__}, {self.world} rank(s) x "
+                    f"{cfg.micro_batch} row(s) x {self.gas} accumulation = {cfg.global_batch} rows per step")
         data = config.strict_overrides(cfg.data, [f"--batch_rows={cfg.micro_batch}"])
         self.loader = Loader(data, cfg.model, self.tokenizer_path, self.rank, self.world)
         self.step = 0
@@ -167,9 +171,8 @@ class Trainer:
         self.tracker.close()
 
     def _forward(self, batch: dict) -> torch.Tensor:
-        tensors = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        if self.on_gpu:
-            tensors["pixel_values"] = tensors["pixel_values"].to(torch.bfloat16 if self._bf16 else torch.float32)
+        tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        tensors["pixel_values"] = normalize(tensors["pixel_values"], torch.bfloat16 if self._bf16 else torch.float32)
         return self.engine(tensors["input_ids"], targets=tensors["targets"], pixel_values=tensors["pixel_values"],
                            position_ids=tensors["position_ids"], doc_ids=tensors["doc_ids"])
 

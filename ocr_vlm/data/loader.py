@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ocr_vlm.config import DataConfig, VLMConfig
 from ocr_vlm.data.stream import SampleStream, ShardSet, Skipped
-from ocr_vlm.image import ImageError, process_image
+from ocr_vlm.image import ImageError, load_pixels
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.tokenizer import Tokenizer
 
@@ -32,7 +32,7 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 class Example:
     inputs: list[int]
     targets: list[int]
-    pixels: torch.Tensor | None       # (3, S, S) for a vision sample
+    pixels: torch.Tensor | None       # (3, S, S) uint8 for a vision sample; normalised on the device
     state: dict                       # stream positions before this sample was drawn
 
 
@@ -69,7 +69,7 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int
         if not isinstance(meta.get(name), str):
             raise BadSample("bad_fields", f"field '{name}' missing or not a string")
     try:
-        pixels = process_image(sample[image_key], vlm.image_size, vlm.image_resize)
+        pixels = load_pixels(sample[image_key], vlm.image_size, vlm.image_resize)
     except ImageError as e:
         raise BadSample(e.reason, str(e)) from None
     ids, mask = tokenizer.render_sample(meta["prompt"], meta["response"], vlm.image_tokens)
@@ -167,7 +167,7 @@ class PackedBatches(IterableDataset):
                     images.append(ex.pixels)
                 counters["vision_samples" if ex.pixels is not None else "text_samples"] += 1
         size = self.vlm.image_size
-        batch["pixel_values"] = torch.stack(images) if images else torch.zeros(0, 3, size, size)
+        batch["pixel_values"] = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
         counters["samples"] = counters["vision_samples"] + counters["text_samples"]
         counters["tokens"] = int((batch["doc_ids"] >= 0).sum())
         counters["target_tokens"] = int((batch["targets"] != IGNORE_INDEX).sum())
@@ -195,8 +195,8 @@ class Loader:
         workers = max(1, self.data.num_workers)
         dataset = PackedBatches(self.data, self.vlm, self.tokenizer_path, self.rank, self.world,
                                 dict(self.worker_states), self.batches % workers, self.finite)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers,
-                            worker_init_fn=_single_thread, prefetch_factor=2 if self.data.num_workers else None)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, worker_init_fn=_single_thread,
+                            prefetch_factor=2 if self.data.num_workers else None, pin_memory=torch.cuda.is_available())
         for batch in loader:
             state = batch.pop("state")
             if state["stream"] is not None:
