@@ -54,7 +54,7 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def zero2(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2")
-    deepspeed(out, "--steps=8", "--save_every=4", "--wandb=true")
+    deepspeed(out, "--steps=8", "--save_every=4", "--wandb=true", "--eval_every=4", "--eval_shards=shards/tier1")
     return out
 
 
@@ -62,6 +62,11 @@ def test_zero2_on_two_ranks_learns(zero2):
     trace = losses(zero2)
     assert sorted(trace) == list(range(1, 9))
     assert (trace[7] + trace[8]) / 2 < trace[1] - 0.5
+
+
+def test_eval_on_val_shards_every_n_steps(zero2):
+    evals = [m for m in map(json.loads, (zero2 / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m]
+    assert [m["step"] for m in evals] == [4, 8] and evals[1]["val_loss"] < evals[0]["val_loss"]
 
 
 def test_metrics_reach_jsonl_and_wandb_offline(zero2):

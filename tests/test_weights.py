@@ -128,11 +128,11 @@ def write_nanochat(directory, model, step, n_head):
 
 
 def test_nanochat_native_checkpoint_heads_come_from_meta_and_image_row_is_added(tmp_path):
-    # A d20-like head geometry at small width: 2 heads of 128 (d20: 10 of 128).
-    source = randomized(tiny_model(n_embd=256, n_head=2, n_kv_head=2))
-    write_nanochat(tmp_path, source, step=650, n_head=2)
+    # d20's attention geometry (width 1280 = 10 heads of 128) in one layer; 16 heads of 80 would store alike.
+    source = randomized(tiny_model(n_embd=1280, n_head=10, n_kv_head=10, n_layer=1))
+    write_nanochat(tmp_path, source, step=650, n_head=10)
     gpt_cfg = nanochat_gpt_config(tmp_path)
-    assert (gpt_cfg.n_head, gpt_cfg.head_dim, gpt_cfg.vocab_size) == (2, 128, 763)
+    assert (gpt_cfg.n_head, gpt_cfg.head_dim, gpt_cfg.vocab_size) == (10, 128, 763)
 
     cfg = config.tiny()
     cfg.gpt = gpt_cfg
@@ -142,6 +142,9 @@ def test_nanochat_native_checkpoint_heads_come_from_meta_and_image_row_is_added(
     ours, theirs = model.state_dict(), source.state_dict()
     assert torch.equal(ours["gpt.transformer.wte.weight"][:762], theirs["gpt.transformer.wte.weight"][:762])
     assert_same(ours, theirs, [k for k in theirs if k.startswith("gpt.transformer.h.")])
+    cfg.gpt.n_head = cfg.gpt.n_kv_head = 16                          # the prototype's bug: refused, not corrupted
+    with pytest.raises(WeightLoadError, match=r"model\.gpt\.n_head=16 but the nanochat config .* says 10"):
+        load_pretrained(build_model(cfg), tmp_path, "nanochat")
 
 
 def test_nanochat_without_meta_is_refused(tmp_path):

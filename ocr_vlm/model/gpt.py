@@ -2,6 +2,7 @@
 
 The VLM splices image embeddings between `embed` and `hidden`, so there is one forward, not two copies that drift.
 Packed rows pass `doc_ids` (which sample each token belongs to) and `position_ids` (restarting per sample).
+Generation passes a `KVCache` and `key_valid` (False on left padding) and feeds only the new tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +28,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of every layer for a batch being generated, preallocated to `max_len` positions."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0            # positions filled; advanced after the last layer wrote
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def attention_mask(doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None, past: int, new: int,
+                   device) -> torch.Tensor | None:
+    """(B, 1, new, past+new) bool mask, or None for plain causal attention (the fast path).
+
+    doc_ids: causal within each packed sample, nothing across. key_valid: causal, skipping padded keys; every
+    query also sees itself, so a padding query has one key and never yields NaN (its output is never used).
+    """
+    if doc_ids is None and key_valid is None and past == 0:
+        return None
+    causal = torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past)
+    if doc_ids is not None:
+        return (causal & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1))).unsqueeze(1)
+    mask = causal.unsqueeze(0)
+    if key_valid is not None:
+        itself = torch.zeros_like(causal)
+        itself[:, past:] = torch.eye(new, dtype=torch.bool, device=device)
+        mask = (mask & key_valid.unsqueeze(1)) | itself
+    return mask.unsqueeze(1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -36,12 +73,15 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))   # QK-norm after rotary
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         gqa = self.n_head != self.n_kv_head
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -66,8 +106,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(norm(x))
 
 
@@ -107,24 +148,26 @@ class GPT(nn.Module):
         """Raw token embeddings; `hidden` applies nanochat's norm after embedding."""
         return self.transformer.wte(idx)
 
-    def hidden(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
-               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, D) embeddings -> final-normed hidden states."""
+    def hidden(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+               key_valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, D) embeddings of the new tokens -> final-normed hidden states.
+
+        With a cache, `key_valid` covers the cached and the new positions: (B, cache.length + T)."""
         B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(T, device=x.device).expand(B, T)
+            position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos = self.cos[position_ids].unsqueeze(1).to(x.dtype)
         sin = self.sin[position_ids].unsqueeze(1).to(x.dtype)
-        mask = None
-        if doc_ids is not None:   # causal within each packed sample, nothing across samples
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = (causal & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1))).unsqueeze(1)
+        mask = attention_mask(doc_ids, key_valid, past, T, x.device)
         x = norm(x)
-        for block in self.transformer.h:
+        for i, block in enumerate(self.transformer.h):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask)
+                x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
         return norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

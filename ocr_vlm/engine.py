@@ -1,0 +1,71 @@
+"""Generation: prefill the prompt with its image (vision embeddings computed once), then decode with a KV cache.
+
+Prompts of different lengths share a batch by left padding: padded keys are masked and each row's rotary
+positions start at its first real token, so a row generates exactly what it would alone. Tokens the model must
+never emit (`<|image|>`, the chat markers other than the end token) are masked out of the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ocr_vlm.model.gpt import KVCache
+from ocr_vlm.model.vlm import VLM
+from ocr_vlm.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, Tokenizer
+
+
+class Engine:
+    def __init__(self, model: VLM, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        never = [tokenizer.specials[t] for t in (*SPECIAL_TOKENS, IMAGE_TOKEN) if t != "<|assistant_end|>"]
+        self.never_generated = torch.tensor(never)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], pixels: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int = 0, use_cache: bool = True) -> list[str]:
+        """One response per prompt; `pixels` holds the prompts' images in order, normalised (N, 3, S, S).
+
+        `use_cache=False` recomputes the whole sequence at every step (the reference the cache is tested against).
+        """
+        model, gpt, device = self.model, self.model.gpt, self.model.gpt.lm_head.weight.device
+        rows = [self.tokenizer.render_prompt(p, model.cfg.image_tokens) for p in prompts]
+        width = max(map(len, rows))
+        ids = torch.tensor([[self.tokenizer.bos_id] * (width - len(r)) + r for r in rows], device=device)
+        valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
+        positions = (valid.cumsum(1) - 1).clamp(min=0)
+        x = model.embed(ids, pixels.to(device, gpt.lm_head.weight.dtype))
+        cache = KVCache(gpt.cfg, len(rows), width + max_new_tokens, device, x.dtype) if use_cache else None
+        h = gpt.hidden(x, positions, key_valid=valid, cache=cache)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        out = torch.empty(len(rows), 0, dtype=torch.long, device=device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            token = self._sample(gpt.logits(h[:, -1]), temperature, top_k, generator)
+            token = torch.where(done, self.tokenizer.assistant_end_id, token)
+            out = torch.cat([out, token[:, None]], dim=1)
+            done |= token == self.tokenizer.assistant_end_id
+            if done.all():
+                break
+            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            if use_cache:
+                h = gpt.hidden(gpt.embed(token[:, None]), positions[:, -1:], key_valid=valid, cache=cache)
+            else:
+                x = torch.cat([x, gpt.embed(token[:, None])], dim=1)
+                h = gpt.hidden(x, positions, key_valid=valid)
+        return [self._text(row) for row in out.tolist()]
+
+    def _sample(self, logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator) -> torch.Tensor:
+        logits[:, self.never_generated.to(logits.device)] = float("-inf")
+        if temperature == 0.0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+    def _text(self, tokens: list[int]) -> str:
+        end = self.tokenizer.assistant_end_id
+        return self.tokenizer.decode(tokens[: tokens.index(end)] if end in tokens else tokens)
