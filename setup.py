@@ -18,6 +18,7 @@ setup(
         "tiktoken>=0.7",
         "wandb>=0.17",
         "tqdm",
+        "matplotlib",   # the evaluation report's loss curve
         "numpy",
     ],
     extras_require={

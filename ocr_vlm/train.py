@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -290,7 +291,7 @@ class Trainer:
                 raise TrainingError(f"frozen parameter {name} changed during training")
 
     def export(self) -> Path | None:
-        """Final weights as safetensors + config.json, gathered from the checkpoint (complete under ZeRO-3)."""
+        """Final weights as safetensors + config.json + tokenizer.json, gathered from the checkpoint (complete under ZeRO-3)."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         out = self.out / "export"
@@ -299,6 +300,7 @@ class Trainer:
             state = get_fp32_state_dict_from_zero_checkpoint(str(self.out / CHECKPOINTS), tag=tag) \
                 if self.ds_config["zero_optimization"].get("stage", 0) > 0 else self.model.state_dict()
             weights.export(self.model, out, state_dict=state)
+            shutil.copyfile(self.tokenizer_path, out / "tokenizer.json")   # what generation decodes with
             print(f"exported {out}", flush=True)
         dist.barrier()
         return out

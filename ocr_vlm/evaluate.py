@@ -1,0 +1,216 @@
+"""Evaluate an exported model on shards: loss, greedy output and OCR metrics per sample, a vision-collapse check,
+and a report people can look at (report.json, a self-contained report.html, loss.png from the run's metrics).
+
+    python -m ocr_vlm.evaluate --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import difflib
+import html
+import io
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from tqdm import tqdm
+
+from ocr_vlm.data.loader import IMAGE_EXTENSIONS, BadSample, decode
+from ocr_vlm.data.stream import ShardSet
+from ocr_vlm.engine import Engine
+from ocr_vlm.image import load_image, normalize
+from ocr_vlm.model.gpt import IGNORE_INDEX
+from ocr_vlm.tokenizer import Tokenizer
+from ocr_vlm.weights import load_exported
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance over characters, one row at a time."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def cer(prediction: str, reference: str) -> float:
+    """Character error rate: edits per reference character."""
+    return edit_distance(prediction, reference) / max(1, len(reference))
+
+
+def ned(prediction: str, reference: str) -> float:
+    """Normalised edit distance as OmniDocBench reports it: edits / the longer length (0 = identical, 1 = disjoint)."""
+    return edit_distance(prediction, reference) / max(1, len(prediction), len(reference))
+
+
+def word_recall(prediction: str, reference: str) -> float:
+    """The prototype's overlap: share of the reference's distinct words that the prediction contains."""
+    words = set(reference.lower().split())
+    return len(words & set(prediction.lower().split())) / max(1, len(words))
+
+
+def collapse(embeddings: torch.Tensor) -> dict:
+    """Pairwise cosine of per-image pooled vision embeddings (N, D): near 1 everywhere means the images look alike
+    to the model, the "vision collapse" where every page yields the same text."""
+    pooled = F.normalize(embeddings.float(), dim=-1)
+    sims = pooled @ pooled.T
+    off = sims[~torch.eye(len(sims), dtype=torch.bool)]
+    return {"mean_cosine": off.mean().item() if len(off) else 0.0, "max_cosine": off.max().item() if len(off) else 0.0}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512, batch_size: int = 8) -> dict:
+    cfg = model.cfg
+    urls = ShardSet.from_spec(shards).urls
+    samples, skipped = [], {}
+    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        try:
+            ids, mask, pixels = decode(raw, tokenizer, cfg)
+        except BadSample as e:
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+            continue
+        if pixels is None:
+            continue                                   # text-only samples have nothing to read
+        meta = json.loads(raw["json"])
+        image = next(raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw)
+        samples.append({"key": raw["__key__"], "prompt": meta["prompt"], "expected": meta["response"],
+                        "ids": ids, "mask": mask, "pixels": pixels, "image": image})
+    engine = Engine(model, tokenizer)
+    pooled = []
+    for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", unit="batch", disable=None):
+        chunk = samples[start:start + batch_size]
+        pixels = normalize(torch.stack([s["pixels"] for s in chunk]))
+        outputs = engine.generate([s["prompt"] for s in chunk], pixels, max_new_tokens=max_new_tokens)
+        pooled.append(model.encode_images(pixels).mean(dim=1))
+        for s, pixel, out in zip(chunk, pixels, outputs):
+            ids = torch.tensor([s["ids"][:-1]])
+            targets = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(s["ids"][1:], s["mask"][1:])]])
+            s.update(generated=out, loss=model(ids, targets=targets, pixel_values=pixel[None]).item(),
+                     exact=out == s["expected"], cer=cer(out, s["expected"]), ned=ned(out, s["expected"]),
+                     word_recall=word_recall(out, s["expected"]))
+    rows = [{k: v for k, v in s.items() if k not in ("ids", "mask", "pixels")} for s in samples]
+    n = max(1, len(rows))
+    summary = {"samples": len(rows), "exact_match": sum(r["exact"] for r in rows),
+               "mean_loss": sum(r["loss"] for r in rows) / n, "mean_cer": sum(r["cer"] for r in rows) / n,
+               "mean_ned": sum(r["ned"] for r in rows) / n, "mean_word_recall": sum(r["word_recall"] for r in rows) / n,
+               "distinct_outputs": len({r["generated"] for r in rows}), "skipped": skipped,
+               **collapse(torch.cat(pooled) if pooled else torch.zeros(0, 1))}
+    return {"summary": summary, "samples": rows}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports.
+
+def table(result: dict) -> str:
+    lines = [f"{'sample':<24}{'exact':>6}{'loss':>9}{'CER':>7}{'NED':>7}{'recall':>8}"]
+    for r in result["samples"]:
+        lines.append(f"{r['key']:<24}{'yes' if r['exact'] else 'no':>6}{r['loss']:>9.4f}{r['cer']:>7.3f}"
+                     f"{r['ned']:>7.3f}{r['word_recall']:>8.2f}")
+    s = result["summary"]
+    lines.append(f"exact match {s['exact_match']}/{s['samples']} | distinct outputs {s['distinct_outputs']} | "
+                 f"mean CER {s['mean_cer']:.3f} | vision cosine mean {s['mean_cosine']:.3f} max {s['max_cosine']:.3f}")
+    return "\n".join(lines)
+
+
+def loss_curve(metrics_jsonl: Path, out_png: Path) -> bool:
+    if not metrics_jsonl.exists():
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _diff(expected: str, generated: str) -> str:
+    """The generated text with insertions and deletions against the expected text marked."""
+    out = []
+    for op, a0, a1, b0, b1 in difflib.SequenceMatcher(None, expected, generated, autojunk=False).get_opcodes():
+        if op in ("replace", "delete"):
+            out.append(f"<del>{html.escape(expected[a0:a1])}</del>")
+        if op in ("replace", "insert"):
+            out.append(f"<ins>{html.escape(generated[b0:b1])}</ins>")
+        if op == "equal":
+            out.append(html.escape(generated[b0:b1]))
+    return "".join(out)
+
+
+def _thumbnail(image_bytes: bytes) -> str:
+    image = load_image(image_bytes)
+    image.thumbnail((220, 220))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(result: dict, out_dir: str | Path, metrics_jsonl: str | Path | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(
+        {"summary": result["summary"], "samples": [{k: v for k, v in r.items() if k != "image"}
+                                                   for r in result["samples"]]}, indent=1))
+    curve = ""
+    if metrics_jsonl and loss_curve(Path(metrics_jsonl), out / "loss.png"):
+        curve = f'<img alt="loss curve" src="data:image/png;base64,{base64.b64encode((out / "loss.png").read_bytes()).decode()}">'
+    rows = "".join(
+        f"<tr><td><img src=\"data:image/png;base64,{_thumbnail(r['image'])}\"></td>"
+        f"<td><pre>{html.escape(r['expected'])}</pre></td><td><pre>{_diff(r['expected'], r['generated'])}</pre></td>"
+        f"<td>{'✓' if r['exact'] else '✗'}<br>loss {r['loss']:.4f}<br>CER {r['cer']:.3f}<br>NED {r['ned']:.3f}"
+        f"<br>recall {r['word_recall']:.2f}</td></tr>" for r in result["samples"])
+    s = result["summary"]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ocr_vlm evaluation</title><style>
+body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:6px;
+vertical-align:top}} pre{{margin:0;white-space:pre-wrap}} ins{{background:#c8f7c5;text-decoration:none}}
+del{{background:#f7c5c5}}</style></head><body><h1>ocr_vlm evaluation</h1>
+<p>exact match <b>{s['exact_match']}/{s['samples']}</b> · distinct outputs {s['distinct_outputs']} · mean loss
+{s['mean_loss']:.4f} · mean CER {s['mean_cer']:.3f} · mean NED {s['mean_ned']:.3f} · word recall
+{s['mean_word_recall']:.2f} · vision cosine mean {s['mean_cosine']:.3f} / max {s['max_cosine']:.3f}</p>{curve}
+<table><tr><th>image</th><th>expected</th><th>generated (<ins>added</ins> <del>missing</del>)</th><th>metrics</th></tr>
+{rows}</table></body></html>"""
+    (out / "report.html").write_text(page)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="an export directory (model.safetensors + config.json)")
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--tokenizer", help="default: tokenizer.json in the export directory")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--metrics", help="the run's metrics.jsonl for the loss curve (default: beside the export)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.checkpoint)
+    model, _ = load_exported(checkpoint)
+    tokenizer = Tokenizer.load(args.tokenizer or checkpoint / "tokenizer.json")
+    result = evaluate(model, tokenizer, args.shards, args.max_new_tokens)
+    write_report(result, args.out, args.metrics or checkpoint.parent / "metrics.jsonl")
+    print(table(result))
+    print(f"report: {Path(args.out) / 'report.html'}")
+
+
+if __name__ == "__main__":
+    main()
