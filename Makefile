@@ -24,10 +24,13 @@ test: setup
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
-# The tier-1 demo: the tiny preset overfits the 10 shipped pages with 2 DeepSpeed CPU ranks (ZeRO-2, fp32).
+# The tier-1 demo: the tiny preset overfits the 10 shipped pages with 2 DeepSpeed CPU ranks (ZeRO-2, fp32),
+# then reads them back (runs/demo/eval/report.html).
 DEMO_ARGS := --output_dir=runs/demo --steps=200 --global_batch=4 --micro_batch=1 --data.seq_len=512 \
 	--lr=3e-3 --min_lr_ratio=0.1 --warmup_steps=10 --checkpointing= --data.num_workers=1 --data.shuffle_buffer=10 \
 	--log_every=10
 demo: setup
 	rm -rf runs/demo
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json $(DEMO_ARGS)
+	$(PY) -m ocr_vlm.evaluate --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval \
+		--max-new-tokens 200

@@ -9,6 +9,7 @@ import webdataset as wds
 
 from ocr_vlm.data import render
 from ocr_vlm.data.shards import main as shards_main
+from ocr_vlm.data.shards import tar_bytes, tar_file_bytes, vision_record, write_shards
 
 TIER1 = Path(__file__).resolve().parents[1] / "shards" / "tier1"
 
@@ -32,6 +33,7 @@ def test_tier1_members_and_content():
     responses = [json.loads(s["json"])["response"] for s in samples]
     assert len(set(responses)) == 10                       # ten distinct texts
     assert responses[0].split("\n")[0] == responses[1].split("\n")[0] == "CORNER MARKET"   # same layout, new content
+    assert len({r.split("\n")[0] for r in responses[4:7]}) == 3          # three charts, three titles
 
 
 @pytest.fixture()
@@ -81,3 +83,50 @@ def test_bad_records_are_named_or_skipped_and_counted(tmp_path, manifest):
     index = json.loads((tmp_path / "lenient" / "index.json").read_text())
     assert index["total"] == 8
     assert index["skipped"] == {"bad_fields": 2, "bad_image": 1, "bad_json": 1, "missing_image": 1}
+
+
+def test_bad_conversations_and_keys_are_named(tmp_path, manifest):
+    pages, chats = manifest
+    first = json.loads(chats.read_text().splitlines()[0])
+    user_only = {"id": "u", "messages": first["messages"][:1]}
+    swapped = {"id": "s", "messages": first["messages"][::-1]}
+    bad_chats = tmp_path / "chats.jsonl"
+    bad_chats.write_text("\n".join(json.dumps(c) for c in [first, user_only, swapped]) + "\n")
+    with pytest.raises(SystemExit, match=r"chats\.jsonl:2: roles \['user'\] must alternate"):
+        shards_main(["write", "--conversations", str(bad_chats), "--out", str(tmp_path / "c")])
+    shards_main(["write", "--conversations", str(bad_chats), "--out", str(tmp_path / "c"), "--skip-bad"])
+    assert json.loads((tmp_path / "c" / "index.json").read_text())["skipped"] == {"bad_fields": 2}
+
+    page = json.loads(pages.read_text().splitlines()[0])
+    with pytest.raises(ValueError, match="m:3: field 'id' 'x{91}' must be 1-90 letters"):
+        vision_record("m:3", {**page, "id": "x" * 91}, pages.parent)         # would overflow a ustar member name
+    with pytest.raises(ValueError, match="m:4: field 'prompt' holds <image> more than once"):
+        vision_record("m:4", {**page, "prompt": "<image> vs <image>"}, pages.parent)
+
+
+def test_max_bytes_bounds_files_and_reruns_leave_only_indexed_shards(tmp_path, manifest):
+    pages, _ = manifest
+    records = [vision_record(f"m:{i}", json.loads(line), pages.parent)
+               for i, line in enumerate(pages.read_text().splitlines())]
+    biggest = max(tar_bytes(r.members()) for r in records)
+    limit = tar_file_bytes(2 * biggest)                   # room for at least two samples per shard
+    out = tmp_path / "out"
+    index = write_shards(records, out, max_bytes=limit)
+    sizes = [(out / name).stat().st_size for name in index["shards"]]
+    assert len(sizes) > 1 and max(sizes) <= limit and sum(index["shards"].values()) == 12
+    # Each shard is full: the next sample would not have fitted.
+    start = 0
+    for name, count in index["shards"].items():
+        members = sum(tar_bytes(r.members()) for r in records[start:start + count])
+        assert (out / name).stat().st_size == tar_file_bytes(members)
+        if start + count < len(records):
+            assert tar_file_bytes(members + tar_bytes(records[start + count].members())) > limit
+        start += count
+
+    write_shards(records[:3], out, max_count=10)            # fewer shards than before: the old ones go
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]
+    write_shards([], out)                                    # nothing to write: no empty tar is left behind
+    assert list(out.glob("*.tar")) == [] and json.loads((out / "index.json").read_text())["total"] == 0
+    (out / "foreign.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="already holds other shards"):
+        write_shards(records, out)

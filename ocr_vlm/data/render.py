@@ -96,8 +96,9 @@ def draw_receipt(lines: list[str], width: int = 320) -> Image.Image:
     return image
 
 
-def chart_content(rng: random.Random) -> tuple[str, str, str, list[str], list[int], str]:
-    title, x_label, y_label, categories = rng.choice(CHART_TOPICS)
+def chart_content(rng: random.Random, title: str | None = None) -> tuple[str, str, str, list[str], list[int], str]:
+    topic = rng.choice(CHART_TOPICS) if title is None else {t[0]: t for t in CHART_TOPICS}[title]
+    title, x_label, y_label, categories = topic
     values = [rng.randint(2, 60) for _ in categories]
     return title, x_label, y_label, categories, values, rng.choice(["bar", "line"])
 
@@ -118,17 +119,21 @@ def draw_chart(title, x_label, y_label, categories, values, style, width: int = 
               fill=(60, 60, 60))
     step = (right - left) / len(categories)
     scale = (bottom - top - 24) / max(values)
-    points = []
-    for i, (name, value) in enumerate(zip(categories, values)):
-        cx, cy = left + step * (i + 0.5), bottom - value * scale
-        if style == "bar":
-            draw.rectangle((cx - step * 0.3, cy, cx + step * 0.3, bottom), fill=(70, 110, 190))
-        points.append((cx, cy))
-        label = str(value)
-        draw.text((cx - draw.textlength(label, font=font(14)) / 2, cy - 18), label, font=font(14), fill=(0, 0, 0))
-        draw.text((cx - draw.textlength(name, font=font(14)) / 2, bottom + 6), name, font=font(14), fill=(0, 0, 0))
+    points = [(left + step * (i + 0.5), bottom - value * scale) for i, value in enumerate(values)]
     if style == "line":
         draw.line(points, fill=(200, 60, 60), width=3)
+    for (cx, cy), name, value in zip(points, categories, values):
+        if style == "bar":
+            draw.rectangle((cx - step * 0.3, cy, cx + step * 0.3, bottom), fill=(70, 110, 190))
+        else:
+            draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=(200, 60, 60))
+        label = str(value)
+        at = (cx - draw.textlength(label, font=font(14)) / 2, cy - 24)
+        # the label sits on a white patch: a line passing through it would make the value unreadable
+        x0, y0, x1, y1 = draw.textbbox(at, label, font=font(14))
+        draw.rectangle((x0 - 3, y0 - 2, x1 + 3, y1 + 2), fill=(255, 255, 255))
+        draw.text(at, label, font=font(14), fill=(0, 0, 0))
+        draw.text((cx - draw.textlength(name, font=font(14)) / 2, bottom + 6), name, font=font(14), fill=(0, 0, 0))
     return image
 
 
@@ -159,8 +164,8 @@ def receipt(rng: random.Random, store: str | None = None) -> Page:
     return Page("receipt", draw_receipt(lines), "\n".join(lines))
 
 
-def chart(rng: random.Random) -> Page:
-    content = chart_content(rng)
+def chart(rng: random.Random, title: str | None = None) -> Page:
+    content = chart_content(rng, title)
     return Page("chart", draw_chart(*content), chart_text(*content[:5]))
 
 
@@ -177,10 +182,11 @@ def random_page(rng: random.Random) -> Page:
 # The tier-1 set and larger synthetic sets.
 
 def tier1_pages() -> list[Page]:
-    """4 receipts (two from the same store: same layout, different content), 3 charts, 3 signs."""
+    """4 receipts (two from the same store: same layout, different content), 3 charts with distinct titles, 3 signs."""
     return [receipt(random.Random(101), "CORNER MARKET"), receipt(random.Random(102), "CORNER MARKET"),
             receipt(random.Random(103), "BLUE BAKERY"), receipt(random.Random(104), "CITY PHARMACY"),
-            chart(random.Random(201)), chart(random.Random(202)), chart(random.Random(203)),
+            chart(random.Random(201), "Monthly Sales"), chart(random.Random(202), "Team Scores"),
+            chart(random.Random(203), "Visitors per Day"),
             sign(random.Random(301), ["OPEN", "24 HOURS"]), sign(random.Random(302), ["NO PARKING", "TOW AWAY ZONE"]),
             sign(random.Random(303), ["PLATFORM 4", "TRAINS TO CENTRAL"])]
 

@@ -6,12 +6,14 @@
 
 Every record is validated as it is read: a bad one stops the run with an error naming the file and line, or with
 --skip-bad it is left out and counted by reason (in index.json too). The same input gives byte-identical shards.
+A directory holds one shard set, described by its index.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import tarfile
 from collections import Counter
@@ -23,8 +25,13 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ocr_vlm.tokenizer import IMAGE_PLACEHOLDER
+
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
-KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]+")   # webdataset splits member names at the first dot
+# webdataset splits member names at the first dot; ustar tars hold member names of at most 100 bytes
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,90}")
+KEY_RULE = "1-90 letters, digits, '_' or '-'"
+TAR_BLOCK, TAR_RECORD = 512, 10240             # a member is a header block plus padded data; files pad to records
 
 
 class BadRecord(ValueError):
@@ -47,11 +54,27 @@ class Record:
         return sample
 
 
+def tar_bytes(sample: dict) -> int:
+    """Bytes the sample's members take inside a tar."""
+    return sum(TAR_BLOCK + math.ceil(len(v) / TAR_BLOCK) * TAR_BLOCK for k, v in sample.items() if k != "__key__")
+
+
+def tar_file_bytes(member_bytes: int) -> int:
+    """Size on disk of a tar holding `member_bytes`: two zero blocks close it, then it pads to whole records."""
+    return math.ceil((member_bytes + 2 * TAR_BLOCK) / TAR_RECORD) * TAR_RECORD
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     """(where, parsed JSON) per line of a JSONL file, or per element of a JSON list; `where` is file:line."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadRecord("bad_file", f"{path}: cannot read ({e})") from None
     if path.suffix == ".json":
-        items = json.loads(text)
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadRecord("bad_file", f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(items, list):
             raise BadRecord("bad_json", f"{path}: expected a JSON list of records")
         yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
@@ -76,7 +99,10 @@ def vision_record(where: str, item: object, images_root: Path) -> Record:
             raise BadRecord("bad_fields", f"{where}: field '{name}' missing or not a non-empty string")
     key = fields["id"]
     if not KEY_PATTERN.fullmatch(key):
-        raise BadRecord("bad_fields", f"{where}: field 'id' {key!r} may only hold letters, digits, '_' and '-'")
+        raise BadRecord("bad_fields", f"{where}: field 'id' {key!r} must be {KEY_RULE} (it names the tar members)")
+    if fields["prompt"].count(IMAGE_PLACEHOLDER) > 1:
+        raise BadRecord("bad_fields", f"{where}: field 'prompt' holds {IMAGE_PLACEHOLDER} more than once; "
+                                      "a sample has one image")
     path = images_root / fields.pop("image")
     ext = IMAGE_SUFFIXES.get(path.suffix.lower())
     if ext is None:
@@ -98,14 +124,17 @@ def text_record(where: str, item: object) -> Record:
         raise BadRecord("bad_json", f"{where}: expected a JSON object")
     key, messages = item.get("id"), item.get("messages")
     if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
-        raise BadRecord("bad_fields", f"{where}: field 'id' missing or not letters, digits, '_' and '-'")
+        raise BadRecord("bad_fields", f"{where}: field 'id' missing or not {KEY_RULE}")
+    if "prompt" in item or "response" in item:     # the loader reads those as a vision sample missing its image
+        raise BadRecord("bad_fields", f"{where}: a conversation carries 'messages', not 'prompt'/'response'")
     if not isinstance(messages, list) or not messages:
         raise BadRecord("bad_fields", f"{where}: field 'messages' missing or empty")
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
     if roles[0] == "system":
         roles = roles[1:]
-    if not roles or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)):
-        raise BadRecord("bad_fields", f"{where}: roles {roles} must alternate user, assistant, ...")
+    if any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)) or "assistant" not in roles:
+        raise BadRecord("bad_fields", f"{where}: roles {roles} must alternate user, assistant, ... "
+                                      "(after an optional system message) and include an assistant turn")
     if any(not isinstance(m.get("content"), str) for m in messages):
         raise BadRecord("bad_fields", f"{where}: every message needs a string 'content'")
     return Record(key, dict(item))
@@ -138,19 +167,43 @@ def records(manifest: Path | None, images_root: Path | None, conversations: Path
 
 def write_shards(items: Iterable[Record], out_dir: str | Path, prefix: str = "shard", max_count: int = 10_000,
                  max_bytes: float = 1e9, skipped: Counter | None = None) -> dict:
-    """Write records into `out_dir/prefix-000000.tar, ...` plus index.json; returns the index."""
+    """Write records into `out_dir/prefix-000000.tar, ...` plus index.json; returns the index.
+
+    A shard holds at most `max_count` samples and `max_bytes` bytes on disk (a single larger sample gets a shard of
+    its own). The directory ends up holding exactly the indexed shards: earlier `prefix-*.tar` files are replaced."""
+    if max_count < 1 or max_bytes <= 0:
+        raise ValueError(f"max_count ({max_count}) and max_bytes ({max_bytes}) must be positive")
+    if not KEY_PATTERN.fullmatch(prefix):
+        raise ValueError(f"prefix {prefix!r} must be {KEY_RULE}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ours = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
+    foreign = sorted(p.name for p in out_dir.glob("*.tar") if not ours.fullmatch(p.name))
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"{out_dir} already holds other shards ({listed}); give each shard set its own directory, "
+                         "since index.json describes the whole directory")
+    (out_dir / "index.json").unlink(missing_ok=True)     # a run that fails midway must not leave a stale index
     counts: dict[str, int] = {}
     kinds = Counter()
-    pattern = str(out_dir / f"{prefix}-%06d.tar")
     # mtime fixed and members in key order: the same input gives byte-identical tars.
-    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, verbose=0, mtime=0, encoder=False) as sink:
+    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=max_count, maxsize=math.inf, verbose=0,
+                         mtime=0, encoder=False) as sink:
+        shard_bytes = 0
         for record in tqdm(items, desc=f"writing {out_dir}", unit="sample", disable=None):
-            sink.write(record.members())
+            sample = record.members()
+            size = tar_bytes(sample)
+            if sink.count >= max_count or (sink.count and tar_file_bytes(shard_bytes + size) > max_bytes):
+                sink.next_stream()
+                shard_bytes = 0
+            sink.write(sample)
+            shard_bytes += size
             name = Path(sink.fname).name
             counts[name] = counts.get(name, 0) + 1
             kinds["vision" if record.image is not None else "text"] += 1
+    for stale in out_dir.glob(f"{prefix}-*.tar"):      # older, longer runs; or the empty tar of a run with no samples
+        if ours.fullmatch(stale.name) and stale.name not in counts:
+            stale.unlink()
     index = {"shards": counts, "total": sum(counts.values()), "vision": kinds["vision"], "text": kinds["text"],
              "skipped": dict(sorted((skipped or Counter()).items()))}
     (out_dir / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
@@ -179,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     write.add_argument("--out", type=Path, required=True)
     write.add_argument("--prefix", default="shard")
     write.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
-    write.add_argument("--max-bytes", type=float, default=1e9, help="a shard closes once it reaches this size")
+    write.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard file at most")
     write.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
     index = sub.add_parser("index", help="write index.json for existing shards")
     index.add_argument("directory", type=Path)
@@ -194,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         result = write_shards(records(args.manifest, args.images_root, args.conversations, args.skip_bad, skipped),
                               args.out, args.prefix, args.max_count, args.max_bytes, skipped)
     except BadRecord as e:
-        raise SystemExit(f"error: {e}\n(use --skip-bad to skip and count bad records)") from None
+        hint = "" if e.reason == "bad_file" else "\n(use --skip-bad to skip and count bad records)"
+        raise SystemExit(f"error: {e}{hint}") from None
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {result['total']} samples ({result['vision']} vision, {result['text']} text) in "
           f"{len(result['shards'])} shards to {args.out}; skipped {sum(skipped.values())} {dict(skipped)}")
 

@@ -23,6 +23,10 @@ class Embeddings(nn.Module):
         self.grid = cfg.pos_grid
         self.class_embedding = nn.Parameter(torch.randn(cfg.width) * cfg.width ** -0.5)
         self.position_embedding = nn.Embedding(cfg.pos_grid ** 2 + 1, cfg.width)
+        if self.class_embedding.device.type != "meta":
+            # CLIP's init: small positions. nn.Embedding's N(0, 1) would drown the SAM tokens' content, and every
+            # image would look alike to the projector (vision collapse) before training even starts.
+            nn.init.normal_(self.position_embedding.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, grid: int) -> torch.Tensor:
         pos = self.position_embedding.weight
