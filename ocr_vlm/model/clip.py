@@ -84,6 +84,7 @@ class Transformer(nn.Module):
 class ClipEncoder(nn.Module):
     def __init__(self, cfg: ClipConfig):
         super().__init__()
+        self.cfg = cfg
         self.embeddings = Embeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=1e-5)   # sic: the checkpoint's spelling
         self.transformer = Transformer(cfg)
@@ -91,6 +92,8 @@ class ClipEncoder(nn.Module):
 
     def forward(self, sam_map: torch.Tensor) -> torch.Tensor:
         """(B, C, g, g) compressed SAM features -> (B, 1 + g*g, C), class token first."""
+        if sam_map.ndim != 4 or sam_map.shape[1] != self.cfg.width or sam_map.shape[2] != sam_map.shape[3]:
+            raise ValueError(f"sam_map: expected (B, clip.width={self.cfg.width}, g, g), got {tuple(sam_map.shape)}")
         x = self.embeddings(sam_map.flatten(2).transpose(1, 2), sam_map.shape[-1])
         x = self.pre_layrnorm(x)
         return run_blocks(self.transformer.layers, x, self.gradient_checkpointing)

@@ -137,6 +137,11 @@ class SamEncoder(nn.Module):
 
     def forward_neck(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B,3,S,S) -> (B, neck_channels, S/p, S/p): what HF's SamVisionEncoder returns."""
+        p = self.cfg.patch_size
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[2] != pixels.shape[3] or pixels.shape[2] % p:
+            # The position table is resized to a square grid; anything else would fail deep inside with a shape error.
+            raise ValueError(f"pixels: expected (B, 3, S, S) with S a multiple of sam.patch_size={p}, "
+                             f"got {tuple(pixels.shape)}")
         x = self.patch_embed(pixels)
         x = x + resize_pos_grid(self.pos_embed, x.shape[1]).to(x.dtype)
         x = run_blocks(self.blocks, x, self.gradient_checkpointing)
