@@ -1,6 +1,6 @@
 """KV-cache generation vs naive full recompute: same model, same prompt, 256 new tokens, printed as a ratio.
 
-    python bench/generation.py [--preset tiny] [--new-tokens 256]
+    python bench/generation.py [--preset tiny] [--new-tokens 256] [--gpt.n_embd=512 --gpt.n_layer=8 ...]
 
 Both paths compute the image's vision embeddings once; the naive path re-runs the GPT over the whole sequence at
 every step (what the seed prototype's `generate` did), the cached one runs only the new token. Goal: >= 10x.
@@ -23,9 +23,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(config.PRESETS))
     parser.add_argument("--new-tokens", type=int, default=256)
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()
     torch.manual_seed(0)
-    cfg = config.preset(args.preset)
+    cfg = config.strict_overrides(config.preset(args.preset), overrides)
     tokenizer = Tokenizer.load(TINY_TOKENIZER)
     model = build_model(cfg)
     with torch.no_grad():
