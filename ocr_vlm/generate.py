@@ -1,0 +1,45 @@
+"""Read pages with an exported model.
+
+    python -m ocr_vlm.generate --checkpoint runs/demo/export --image page.png [more.png ...] --prompt "Free OCR."
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ocr_vlm.engine import Engine
+from ocr_vlm.image import ImageError, process_image
+from ocr_vlm.tokenizer import Tokenizer
+from ocr_vlm.weights import load_exported
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="an export directory (model.safetensors + config.json)")
+    parser.add_argument("--image", nargs="+", required=True)
+    parser.add_argument("--prompt", default="<image>\nFree OCR.", help="'<image>' marks the image; prepended if absent")
+    parser.add_argument("--tokenizer", help="default: tokenizer.json in the export directory")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    model, cfg = load_exported(args.checkpoint)
+    tokenizer = Tokenizer.load(args.tokenizer or Path(args.checkpoint) / "tokenizer.json")
+    try:
+        pixels = torch.stack([process_image(Path(p), cfg.image_size, cfg.image_resize) for p in args.image])
+    except (ImageError, FileNotFoundError) as e:
+        parser.error(str(e))
+    texts = Engine(model, tokenizer).generate([args.prompt] * len(args.image), pixels, args.max_new_tokens,
+                                              args.temperature, args.top_k, args.seed)
+    for path, text in zip(args.image, texts):
+        if len(args.image) > 1:
+            print(f"== {path}")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
