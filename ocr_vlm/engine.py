@@ -33,6 +33,7 @@ class Engine:
         ids = torch.tensor([[self.tokenizer.bos_id] * (width - len(r)) + r for r in rows], device=device)
         valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
         positions = (valid.cumsum(1) - 1).clamp(min=0)
+        padded = bool((~valid).any())          # without padding, decoding needs no mask at all (the fast path)
         x = model.embed(ids, pixels.to(device, gpt.lm_head.weight.dtype))
         cache = KVCache(gpt.cfg, len(rows), width + max_new_tokens, device, x.dtype) if use_cache else None
         h = gpt.hidden(x, positions, key_valid=valid, cache=cache)
@@ -49,7 +50,8 @@ class Engine:
             valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
             if use_cache:
-                h = gpt.hidden(gpt.embed(token[:, None]), positions[:, -1:], key_valid=valid, cache=cache)
+                h = gpt.hidden(gpt.embed(token[:, None]), positions[:, -1:], key_valid=valid if padded else None,
+                               cache=cache)
             else:
                 x = torch.cat([x, gpt.embed(token[:, None])], dim=1)
                 h = gpt.hidden(x, positions, key_valid=valid)

@@ -51,8 +51,8 @@ def attention_mask(doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None,
     doc_ids: causal within each packed sample, nothing across. key_valid: causal, skipping padded keys; every
     query also sees itself, so a padding query has one key and never yields NaN (its output is never used).
     """
-    if doc_ids is None and key_valid is None and past == 0:
-        return None
+    if doc_ids is None and key_valid is None and (past == 0 or new == 1):
+        return None            # plain causal, or one new token that may see everything before it
     causal = torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past)
     if doc_ids is not None:
         return (causal & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1))).unsqueeze(1)
@@ -83,8 +83,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = self.n_head != self.n_kv_head
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if mask is None:   # causal over the sequence, or a single cached-decode query that sees every key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] == k.shape[2], enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
