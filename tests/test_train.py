@@ -176,3 +176,9 @@ def test_tier1_pages_are_read_back_exactly(tmp_path):
                       max_new_tokens=120)
     assert [s["generated"] for s in result["samples"]] == [s["expected"] for s in result["samples"]]
     assert result["summary"]["distinct_outputs"] == 4 and result["summary"]["mean_cosine"] < 0.9
+
+
+def test_torchrun_launch(tmp_path):
+    run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/train.py",
+         "--ds_config", "ds_configs/zero2.json", f"--output_dir={tmp_path}", *TINY_RUN, "--steps=2"])
+    assert sorted(losses(tmp_path)) == [1, 2]
