@@ -221,7 +221,7 @@ class Trainer:
                                                             "--num_workers=0", f"--batch_rows={self.cfg.micro_batch}"])
         batches = iter(Loader(eval_data, self.cfg.model, self.tokenizer_path, self.rank, self.world, finite=True))
         self.engine.eval()
-        total, count, last = torch.zeros(2, dtype=torch.float64), 0, None
+        total, last = torch.zeros(2, dtype=torch.float64), None
         while True:
             batch = next(batches, None)
             # ZeRO-3 gathers parameters collectively: ranks whose share ran out repeat a batch with zero weight.

@@ -2,7 +2,6 @@
 explicit name tables below), shapes and parameter counts at d20 size on the meta device, position-table resizing,
 and activation checkpointing changing nothing."""
 
-import dataclasses
 
 import pytest
 import torch
