@@ -1,0 +1,72 @@
+"""Peak memory of one training forward/backward with activation checkpointing off vs on, side by side.
+
+    python bench/activation_memory.py [--seq-len 4096] [--images 4] [--key=value model overrides]
+
+Each setting runs in a fresh process and reports its peak resident memory (CPU) or peak allocated memory (CUDA),
+minus what the process held before the step, so the figure is the step's activations and gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+
+from ocr_vlm import config
+from ocr_vlm.model.gpt import IGNORE_INDEX
+from ocr_vlm.model.vlm import build_model
+
+BENCH_MODEL = ["--gpt.n_embd=512", "--gpt.n_layer=8", "--gpt.n_head=4", "--gpt.n_kv_head=4",
+               "--gpt.sequence_len=8192"]
+
+
+def peak_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def one_step(args: argparse.Namespace, overrides: list[str], checkpointing: bool) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    cfg = config.strict_overrides(config.tiny(), BENCH_MODEL + overrides)
+    model = build_model(cfg, device)
+    model.set_activation_checkpointing(sam=checkpointing, clip=checkpointing, gpt=checkpointing)
+    ids = torch.randint(0, cfg.image_token_id, (1, args.seq_len), device=device)
+    for i in range(args.images):
+        ids[0, 1 + i * (cfg.image_tokens + 8): 1 + i * (cfg.image_tokens + 8) + cfg.image_tokens] = cfg.image_token_id
+    targets = ids.roll(-1, 1).masked_fill(ids == cfg.image_token_id, IGNORE_INDEX)
+    pixels = torch.randn(args.images, 3, cfg.image_size, cfg.image_size, device=device)
+    before = peak_bytes(device)
+    model(ids, targets=targets, pixel_values=pixels).backward()
+    return {"peak_mb": (peak_bytes(device) - before) / 2 ** 20, "device": device}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args()
+    if args.child:
+        print(json.dumps(one_step(args, overrides, args.child == "on")))
+        return
+    results = {}
+    for setting in ("off", "on"):
+        out = subprocess.run([sys.executable, __file__, "--child", setting, f"--seq-len={args.seq_len}",
+                              f"--images={args.images}", *overrides], capture_output=True, text=True, check=True)
+        results[setting] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"one step, {args.seq_len} tokens, {args.images} images, on {results['on']['device']}")
+    print(f"{'checkpointing':<16}{'step peak MB':>14}")
+    for setting, r in results.items():
+        print(f"{setting:<16}{r['peak_mb']:>14.0f}")
+    print(f"checkpointing saves {1 - results['on']['peak_mb'] / results['off']['peak_mb']:.0%} "
+          f"({results['off']['peak_mb'] / results['on']['peak_mb']:.1f}x less)")
+
+
+if __name__ == "__main__":
+    main()
