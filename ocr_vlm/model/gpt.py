@@ -121,18 +121,25 @@ class GPT(nn.Module):
             "h": nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
         })
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        # fp32 tables, ten times the trained context as nanochat does; not saved (derived from the config).
-        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-        angles = torch.outer(torch.arange(cfg.sequence_len * 10, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # fp32 rotary tables, ten times the trained context as nanochat does; not saved, so init_weights fills them
+        # (a meta build + to_empty would otherwise leave them as uninitialised memory).
+        table = (cfg.sequence_len * 10, cfg.head_dim // 2)
+        self.register_buffer("cos", torch.empty(table, dtype=torch.float32), persistent=False)
+        self.register_buffer("sin", torch.empty(table, dtype=torch.float32), persistent=False)
         self.gradient_checkpointing = False
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """nanochat's init: scaled normal matrices, unit embedding, zero lm_head and zero output projections."""
+        """nanochat's init: scaled normal matrices, unit embedding, zero lm_head and zero output projections.
+
+        Also computes the rotary tables, so `to_empty` + `init_weights` after a meta build gives a usable model."""
+        cfg, device = self.cfg, self.cos.device
+        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
+        angles = torch.outer(torch.arange(self.cos.shape[0], device=device).float(), inv_freq)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
@@ -161,11 +168,10 @@ class GPT(nn.Module):
         sin = self.sin[position_ids].unsqueeze(1).to(x.dtype)
         mask = attention_mask(doc_ids, key_valid, past, T, x.device)
         x = norm(x)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, mask, cache, i)
+            args = (x, cos, sin, mask, cache, i)   # the same call either way: a checkpointed block still fills the cache
+            x = checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
         if cache is not None:
             cache.length += T
         return norm(x)
