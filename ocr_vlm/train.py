@@ -85,6 +85,7 @@ class Trainer:
         self.model = self._build_model()
         self.resume_path = self._resume_dir()
         self.ds_config = engine_config(ds_config_path, cfg, self.world, self.on_gpu)
+        self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
         if self.resume_path is not None and (self.resume_path / "zero").is_dir():
             # ds_to_universal's output: parameters stored whole, so any world size can load them.
             self.ds_config["checkpoint"] = {"load_universal": True}
@@ -94,7 +95,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=self.ds_config)
         self.gas = self.engine.gradient_accumulation_steps()
-        self._print(f"engine: ZeRO-{self.ds_config['zero_optimization'].get('stage', 0)}, "
+        self._print(f"engine: ZeRO-{self.zero_stage}, "
                     f"{'bf16' if self._bf16 else 'fp32'}, {type(optimizer).__name__}, {self.world} rank(s) x "
                     f"{cfg.micro_batch} row(s) x {self.gas} accumulation = {cfg.global_batch} rows per step")
         data = config.strict_overrides(cfg.data, [f"--batch_rows={cfg.micro_batch}"])
@@ -103,14 +104,10 @@ class Trainer:
         self.tracker = Tracker(self.out, config.to_dict(cfg), enabled=self.rank == 0, use_wandb=cfg.wandb,
                                project=cfg.wandb_project, run_name=cfg.run_name, resume=self.resume_path is not None)
         self.frozen_before = {n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad} \
-            if cfg.freeze and not self._zero3 else {}
+            if cfg.freeze and self.zero_stage < 3 else {}
         self.image_flops = flops.image_train_flops(cfg.model, cfg.freeze)
         self.token_flops = flops.gpt_train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = flops.peak_flops(torch.cuda.get_device_name(self.device)) if self.on_gpu else None
-
-    @property
-    def _zero3(self) -> bool:
-        return self.ds_config["zero_optimization"].get("stage", 0) == 3
 
     # ------------------------------------------------------------------------------------------------------------
     def _build_model(self):
@@ -286,8 +283,9 @@ class Trainer:
         self._print(f"resumed from {path} at step {self.step}")
 
     def _check_frozen(self) -> None:
+        params = dict(self.model.named_parameters())
         for name, before in self.frozen_before.items():
-            if not torch.equal(before, dict(self.model.named_parameters())[name].detach()):
+            if not torch.equal(before, params[name].detach()):
                 raise TrainingError(f"frozen parameter {name} changed during training")
 
     def export(self) -> Path | None:
@@ -298,7 +296,7 @@ class Trainer:
         if self.rank == 0:
             tag = f"step{self.step:06d}"
             state = get_fp32_state_dict_from_zero_checkpoint(str(self.out / CHECKPOINTS), tag=tag) \
-                if self.ds_config["zero_optimization"].get("stage", 0) > 0 else self.model.state_dict()
+                if self.zero_stage > 0 else self.model.state_dict()
             weights.export(self.model, out, state_dict=state)
             shutil.copyfile(self.tokenizer_path, out / "tokenizer.json")   # what generation decodes with
             print(f"exported {out}", flush=True)
