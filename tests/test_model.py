@@ -96,6 +96,39 @@ def test_chunked_loss_equals_full_cross_entropy_in_value_and_gradient():
     assert nothing.item() == 0 and torch.autograd.grad(nothing, w)[0].abs().sum() == 0
 
 
+def full_logits_loss(h, w, targets):
+    """The reference: fp32 logits for every position, softcapped, then cross-entropy over the supervised ones."""
+    logits = softcap(h @ w.T, 15.0)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def test_loss_on_supervised_rows_only_equals_full_logits_cross_entropy():
+    """~10% of positions supervised, as in packed rows; several chunks; an upstream gradient other than 1."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 200, 16, requires_grad=True)
+    w = torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (2, 200)).masked_fill(torch.rand(2, 200) > 0.1, IGNORE_INDEX)
+    full, chunked = full_logits_loss(h, w, targets), chunked_cross_entropy(h, w, targets, 15.0, chunk=8)
+    assert (full - chunked).abs() <= 1e-6
+    for a, b in zip(torch.autograd.grad(3 * full, (h, w)), torch.autograd.grad(3 * chunked, (h, w))):
+        assert (a - b).abs().max() <= 1e-6
+    frozen = w.detach()                     # a frozen lm_head: h's gradient alone
+    (grad_full,) = torch.autograd.grad(full_logits_loss(h, frozen, targets), h)
+    (grad_chunked,) = torch.autograd.grad(chunked_cross_entropy(h, frozen, targets, 15.0, chunk=8), h)
+    assert (grad_full - grad_chunked).abs().max() <= 1e-6
+
+
+def test_loss_with_nothing_supervised_gives_h_and_lm_head_a_zero_gradient():
+    """ZeRO-3: a rank whose rows carry no target still runs lm_head, so every parameter gets a gradient."""
+    h = torch.randn(2, 30, 16, requires_grad=True)
+    w = torch.randn(97, 16, requires_grad=True)
+    loss = chunked_cross_entropy(h, w, torch.full((2, 30), IGNORE_INDEX), 15.0)
+    grad_h, grad_w = torch.autograd.grad(loss, (h, w))      # raises if either is not in the graph
+    assert loss.item() == 0
+    assert grad_h.shape == h.shape and grad_h.abs().sum() == 0
+    assert grad_w.shape == w.shape and grad_w.abs().sum() == 0
+
+
 def test_activation_checkpointing_changes_nothing_numerically():
     ids = sequence([1], N_IMG, list(range(2, 30)))
     targets = ids.roll(-1, 1)

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ocr_vlm.config import GPTConfig
 
 IGNORE_INDEX = -1          # nanochat's convention for targets that carry no loss
-LOSS_CHUNK = 2048          # tokens per lm_head chunk: bounds fp32 logits to LOSS_CHUNK x vocab
+LOSS_CHUNK = 256           # supervised tokens per lm_head chunk: bounds fp32 logits to LOSS_CHUNK x vocab
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -191,25 +191,57 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(logits / cap)
 
 
-def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
-    logits = softcap(F.linear(h, weight).float(), cap)
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+class _SoftcappedCrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy of softcap(h @ weight.T) against targets, `chunk` rows of fp32 logits at a time.
+
+    Plain autograd would keep every row's logits for backward; checkpointing each chunk instead still gives one
+    full-size weight gradient per chunk, two of them alive while autograd adds them up. Here backward recomputes
+    each chunk's logits and adds its weight gradient in place (in the weight's dtype, as that sum was), so the
+    peak is the gradients of h and the weight plus one chunk's logits. torch's F.linear_cross_entropy chunks
+    too, but has no softcap.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, chunk: int):
+        ctx.save_for_backward(h, weight, targets)
+        ctx.cap, ctx.chunk = cap, chunk
+        return sum(F.cross_entropy(cap * _tanh_logits(rows, weight, cap), rows_targets, reduction="sum")
+                   for rows, rows_targets in zip(h.split(chunk), targets.split(chunk)))
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        h, weight, targets = ctx.saved_tensors
+        need_h, need_weight = ctx.needs_input_grad[:2]      # a frozen GPT needs no weight gradient
+        grad_h, grad_weight = [], torch.zeros_like(weight) if need_weight else None
+        for rows, rows_targets in zip(h.split(ctx.chunk), targets.split(ctx.chunk)):
+            tanh = _tanh_logits(rows, weight, ctx.cap)
+            grad = torch.softmax(ctx.cap * tanh, dim=-1)              # d CE / d logits = softmax - one_hot
+            grad[torch.arange(len(grad), device=grad.device), rows_targets] -= 1
+            grad *= (1 - tanh.square()) * grad_total                  # d softcap(z) / dz = 1 - tanh(z / cap)^2
+            grad = grad.to(rows.dtype)
+            if need_h:
+                grad_h.append(grad @ weight)
+            if need_weight:
+                grad_weight.addmm_(grad.T, rows)
+        return torch.cat(grad_h) if need_h else None, grad_weight, None, None, None
+
+
+def _tanh_logits(h: torch.Tensor, weight: torch.Tensor, cap: float) -> torch.Tensor:
+    """tanh(logits / cap) in fp32: softcap(logits) = cap * this, and its derivative is 1 - this^2."""
+    return torch.tanh(F.linear(h, weight).float() / cap)
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
                           chunk: int = LOSS_CHUNK) -> torch.Tensor:
-    """Mean cross-entropy over targets != IGNORE_INDEX without materialising (B*T, vocab) fp32 logits.
+    """Mean cross-entropy over targets != IGNORE_INDEX, with lm_head run on the supervised positions only.
 
-    Each chunk's logits are recomputed in backward rather than kept: peak memory is one chunk's logits, which at
-    8192 tokens x 65537 vocab saves ~2 GB of fp32 logits (plus their gradient) per sequence.
+    Packed rows supervise ~10% of their positions (image embeddings and prompts carry no target), so gathering
+    those rows first divides the vocabulary-wide work, and its memory, by ten. With no supervised position, one
+    empty chunk still runs: h and the weight get an all-zero gradient, as ZeRO-3 needs every rank to use every
+    parameter in every step.
     """
-    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-    valid = (targets != IGNORE_INDEX).sum()
-    total = h.sum() * 0.0     # keeps the graph connected when nothing is supervised, so every parameter gets a grad
-    for start in range(0, h.size(0), chunk):
-        piece = slice(start, start + chunk)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, h[piece], weight, targets[piece], cap, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(h[piece], weight, targets[piece], cap)
-    return total / valid.clamp(min=1)
+    targets = targets.reshape(-1)
+    supervised = (targets != IGNORE_INDEX).nonzero().squeeze(1)       # one host sync: the row count
+    rows = h.reshape(-1, h.size(-1)).index_select(0, supervised)
+    total = _SoftcappedCrossEntropySum.apply(rows, weight, targets.index_select(0, supervised), cap, chunk)
+    return total / max(supervised.numel(), 1)
