@@ -1,12 +1,15 @@
-"""The GPT on its own: nanochat's init rule, meta build + to_empty + init_weights, exact d20 sizes.
+"""The GPT on its own: nanochat's init rule, meta build + to_empty + init_weights, exact d20 sizes, per-document
+attention against the dense document mask it replaced.
 
 Parity with transformers' NanoChat is in test_parity.py; packing, chunked loss and checkpointing in test_model.py.
 """
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from ocr_vlm.config import GPTConfig
-from ocr_vlm.model.gpt import GPT
+from ocr_vlm.model.gpt import GPT, Documents, attention
 
 SMALL = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=256)
 
@@ -53,3 +56,41 @@ def test_d20_parameter_count_is_nanochat_exactly():
 
     assert count(65536) == 560_988_160                 # nanochat's published d20
     assert count(65537) - count(65536) == 2 * 1280     # <|image|>: one wte row and one lm_head row
+
+
+def dense_document_attention(q, k, v, doc_ids, gqa):
+    """The reference: every pair of tokens computed, a (B, 1, T, T) mask keeping the causal pairs of one document."""
+    T = doc_ids.shape[1]
+    same_document = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
+    mask = (torch.ones(T, T, dtype=torch.bool).tril() & same_document).unsqueeze(1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_document_attention_equals_the_dense_document_mask(kv_heads):
+    """Unequal lengths, equal lengths in both rows, an id running on into the next row, padding (-1) at the end."""
+    doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 5 + [3] * 3,
+                            [3] * 9 + [4] * 10 + [-1] * 3])
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 22, 16, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 22, 16, requires_grad=True) for _ in range(2))
+    upstream = torch.randn(2, 4, 22, 16)
+    results = []
+    for attend in (lambda: dense_document_attention(q, k, v, doc_ids, kv_heads != 4),
+                   lambda: Documents(doc_ids).attend(q, k, v, kv_heads != 4)):
+        out = attend()
+        results.append((out, *torch.autograd.grad(out, (q, k, v), upstream)))
+    for dense, per_document in zip(*results):           # the output, then the gradients of q, k and v
+        torch.testing.assert_close(per_document, dense, atol=1e-6, rtol=1e-6)
+
+
+def test_documents_are_runs_within_a_row():
+    documents = Documents(torch.tensor([[0] * 4 + [1] * 6 + [2] * 4, [2] * 6 + [3] * 4 + [-1] * 4]))
+    assert documents.lengths == [[4, 6, 4], [6, 4, 4]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused-kernel rule applies on CUDA only")
+def test_cuda_attention_refuses_the_math_fallback_and_names_the_cause():
+    q = torch.randn(1, 2, 16, 16, device="cuda", dtype=torch.float64)      # no fused kernel takes fp64
+    with pytest.raises(RuntimeError, match="no fused attention kernel takes torch.float64"):
+        attention(q, q, q, causal=True)

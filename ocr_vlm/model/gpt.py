@@ -1,7 +1,8 @@
 """nanochat's GPT as of its d20 release: rotary, QK-norm, relu² MLP, parameter-free RMSNorm, untied head, softcap.
 
 The VLM splices image embeddings between `embed` and `hidden`, so there is one forward, not two copies that drift.
-Packed rows pass `doc_ids` (which sample each token belongs to) and `position_ids` (restarting per sample).
+Packed rows pass `doc_ids` (which sample each token belongs to) and `position_ids` (restarting per sample);
+attention then runs document by document, so its cost follows the samples' lengths, not the row's.
 Generation passes a `KVCache` and `key_valid` (False on left padding) and feeds only the new tokens.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ocr_vlm.config import GPTConfig
@@ -44,24 +46,75 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def attention_mask(doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None, past: int, new: int,
-                   device) -> torch.Tensor | None:
-    """(B, 1, new, past+new) bool mask, or None for plain causal attention (the fast path).
+FUSED_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]   # not MATH
 
-    doc_ids: causal within each packed sample, nothing across. key_valid: causal, skipping padded keys; every
-    query also sees itself, so a padding query has one key and never yields NaN (its output is never used).
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False, gqa: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention; on CUDA only a fused kernel may run it.
+
+    Given inputs no fused kernel takes, torch silently falls back to its math kernel, which materialises the
+    (T, T) scores of every head: a slow, memory-hungry step that looks like a working one. Here it is an error.
     """
-    if doc_ids is None and key_valid is None and (past == 0 or new == 1):
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+    if q.device.type != "cuda":
+        return sdpa()
+    try:
+        with sdpa_kernel(FUSED_ATTENTION):
+            return sdpa()
+    except RuntimeError as err:
+        if "No available kernel" not in str(err):     # torch's words when every allowed kernel refused
+            raise
+        raise RuntimeError(
+            f"no fused attention kernel takes {q.dtype} q {tuple(q.shape)}, k {tuple(k.shape)} (head dim "
+            f"{q.shape[-1]}), {'a mask' if mask is not None else 'no mask'}, enable_gqa={gqa}; torch's warnings "
+            "above give each kernel's reason") from err
+
+
+class Documents:
+    """Packed rows cut into their documents, so that attention costs the sum of squared document lengths.
+
+    A document is a run of equal `doc_ids` within a row: the loader writes each sample contiguously, and the row's
+    padding is one more run. Each document gets its own causal SDPA call on views of q, k and v: `split`, whose
+    backward is one concatenation, so no gather or scatter of the whole row. Built once per forward, shared by all
+    layers.
+    """
+
+    def __init__(self, doc_ids: torch.Tensor):
+        # Run lengths of each row, as Python ints for `split`: the packed forward's one host sync per row.
+        self.lengths = [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in doc_ids]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """Causal attention within each document; q, k, v and the result are (B, heads, T, head_dim)."""
+        rows = []
+        for lengths, *row in zip(self.lengths, q.unbind(0), k.unbind(0), v.unbind(0)):
+            documents = zip(*(x.split(lengths, dim=1) for x in row))      # per document, (heads, length, head_dim)
+            rows.append(torch.cat([attention(*(x.unsqueeze(0) for x in document), causal=True, gqa=gqa).squeeze(0)
+                                   for document in documents], dim=1))
+        return torch.stack(rows)
+
+
+def attention_mask(key_valid: torch.Tensor | None, past: int, new: int, device) -> torch.Tensor | None:
+    """(B, 1, new, past+new) bool mask for generation, or None for plain causal attention (the fast path).
+
+    key_valid: causal, skipping padded keys; every query also sees itself, so a padding query has one key and never
+    yields NaN (its output is never used).
+    """
+    if key_valid is None and (past == 0 or new == 1):
         return None            # plain causal, or one new token that may see everything before it
     causal = torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past)
-    if doc_ids is not None:
-        return (causal & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1))).unsqueeze(1)
     mask = causal.unsqueeze(0)
     if key_valid is not None:
         itself = torch.zeros_like(causal)
         itself[:, past:] = torch.eye(new, dtype=torch.bool, device=device)
         mask = (mask & key_valid.unsqueeze(1)) | itself
     return mask.unsqueeze(1)
+
+
+# Which keys each query sees: None = causal (or one cached query that sees every key), a bool mask, or Documents.
+Layout = Documents | torch.Tensor | None
 
 
 class CausalSelfAttention(nn.Module):
@@ -73,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -83,10 +136,10 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = self.n_head != self.n_kv_head
-        if mask is None:   # causal over the sequence, or a single cached-decode query that sees every key
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] == k.shape[2], enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if isinstance(layout, Documents):
+            y = layout.attend(q, k, v, gqa)
+        else:   # causal over the sequence, a single cached-decode query that sees every key, or the mask
+            y = attention(q, k, v, mask=layout, causal=layout is None and q.shape[2] == k.shape[2], gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -106,9 +159,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, mask, cache, layer)
+        x = x + self.attn(norm(x), cos, sin, layout, cache, layer)
         return x + self.mlp(norm(x))
 
 
@@ -166,11 +219,11 @@ class GPT(nn.Module):
             position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos = self.cos[position_ids].unsqueeze(1).to(x.dtype)
         sin = self.sin[position_ids].unsqueeze(1).to(x.dtype)
-        mask = attention_mask(doc_ids, key_valid, past, T, x.device)
+        layout = Documents(doc_ids) if doc_ids is not None else attention_mask(key_valid, past, T, x.device)
         x = norm(x)
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            args = (x, cos, sin, mask, cache, i)   # the same call either way: a checkpointed block still fills the cache
+            args = (x, cos, sin, layout, cache, i)   # the same call either way: a checkpointed block still fills the cache
             x = checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
         if cache is not None:
             cache.length += T
