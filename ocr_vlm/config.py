@@ -77,6 +77,7 @@ class VLMConfig:
     image_size: int = 1024        # processed side at run time; may differ from sam.image_size (pos-embeds interpolate)
     image_resize: str = "pad"     # "pad" (aspect kept, grey 127) or "resize" (stretch)
     image_token_id: int = 65536   # <|image|>: appended after the tokenizer's own vocabulary
+    reading_head: tuple[int, ...] = ()   # (rows, cols) CTC sub-frames per vision token; () = no reading head
 
     @property
     def vision_grid(self) -> int:
@@ -115,6 +116,8 @@ class VLMConfig:
                f"{c.pos_grid} must be sam.image_size/(patch_size*4) = {s.image_size // (s.patch_size * 4)}")
         _check(0 <= self.image_token_id < g.vocab_size, "image_token_id",
                f"{self.image_token_id} is outside the vocabulary of gpt.vocab_size={g.vocab_size}")
+        _check(len(self.reading_head) in (0, 2) and all(n > 0 for n in self.reading_head), "reading_head",
+               f"{self.reading_head} is not () or (rows, cols) of positive sub-frames per vision token")
         _check(g.sequence_len > self.image_tokens, "gpt.sequence_len",
                f"{g.sequence_len} leaves no room for text after {self.image_tokens} image embeddings")
         return self
@@ -195,6 +198,7 @@ class TrainConfig:
     decay_every: int = 2000
     decay_factor: float = 0.1
     weight_decay: float = 0.0
+    reading_weight: float = 0.0   # weight of the reading head's CTC loss (needs model.reading_head); 0 = off
     beta1: float = 0.9
     beta2: float = 0.95
     freeze: tuple[str, ...] = ()  # components kept bit-identical: sam, clip, projector, gpt
@@ -204,6 +208,8 @@ class TrainConfig:
     save_every: int = 0           # steps between checkpoints (0: only at the end)
     eval_every: int = 0           # steps between evaluations on eval_shards (0: never)
     eval_shards: str = ""
+    eval_read: int = 0            # val pages read back (greedy generation, CER) at each evaluation; 0 = none
+    eval_read_tokens: int = 64    # new tokens at most per page read back
     log_every: int = 1
     max_bad_steps: int = 5        # consecutive non-finite losses tolerated (each skipped) before stopping
     wandb: bool = False
@@ -224,6 +230,9 @@ class TrainConfig:
             _check(name in components, "freeze", f"{name!r} is not one of {components}")
         for name in self.checkpointing:
             _check(name in ("sam", "clip", "gpt"), "checkpointing", f"{name!r} is not one of sam, clip, gpt")
+        _check(self.reading_weight >= 0, "reading_weight", "must be >= 0")
+        _check(self.reading_weight == 0 or bool(self.model.reading_head), "reading_weight",
+               f"{self.reading_weight} > 0 needs a reading head: set --model.reading_head=ROWS,COLS")
         self.model.validate()
         self.data.validate()
         _check(self.data.seq_len > self.model.image_tokens, "data.seq_len",

@@ -34,7 +34,7 @@ class Engine:
         valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
         positions = (valid.cumsum(1) - 1).clamp(min=0)
         padded = bool((~valid).any())          # without padding, decoding needs no mask at all (the fast path)
-        x = model.embed(ids, pixels.to(device, gpt.lm_head.weight.dtype))
+        x = model.embed(ids, model.vision_tokens(pixels.to(device, gpt.lm_head.weight.dtype)))
         cache = KVCache(gpt.cfg, len(rows), width + max_new_tokens, device, x.dtype) if use_cache else None
         h = gpt.hidden(x, positions, key_valid=valid, cache=cache)
         generator = torch.Generator(device=device).manual_seed(seed)

@@ -15,12 +15,12 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from tqdm import tqdm
 
 from ocr_vlm.data.loader import IMAGE_EXTENSIONS, BadSample, decode
 from ocr_vlm.data.stream import ShardSet
+from ocr_vlm.diagnostics import VisionShare, verdict
 from ocr_vlm.engine import Engine
 from ocr_vlm.image import load_image, normalize
 from ocr_vlm.model.gpt import IGNORE_INDEX
@@ -55,23 +55,15 @@ def word_recall(prediction: str, reference: str) -> float:
     return len(words & set(prediction.lower().split())) / max(1, len(words))
 
 
-def collapse(embeddings: torch.Tensor) -> dict:
-    """Pairwise cosine of per-image pooled vision embeddings (N, D): near 1 everywhere means the images look alike
-    to the model, the "vision collapse" where every page yields the same text."""
-    pooled = F.normalize(embeddings.float(), dim=-1)
-    sims = pooled @ pooled.T
-    off = sims[~torch.eye(len(sims), dtype=torch.bool)]
-    return {"mean_cosine": off.mean().item() if len(off) else 0.0, "max_cosine": off.max().item() if len(off) else 0.0}
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512, batch_size: int = 8) -> dict:
-    cfg = model.cfg
-    urls = ShardSet.from_spec(shards).urls
+def load_samples(shards: str, tokenizer: Tokenizer, cfg, limit: int | None = None) -> tuple[list[dict], dict]:
+    """The vision samples of `shards` in order (at most `limit`), each with its prompt, expected text, token ids,
+    loss mask, pixels and image bytes; and the count of unreadable samples by reason."""
     samples, skipped = [], {}
-    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    for raw in wds.WebDataset(ShardSet.from_spec(shards).urls, shardshuffle=False, empty_check=False):
+        if limit is not None and len(samples) >= limit:
+            break
         try:
-            ids, mask, pixels = decode(raw, tokenizer, cfg)
+            ids, mask, pixels, _ = decode(raw, tokenizer, cfg)
         except BadSample as e:
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
             continue
@@ -81,26 +73,50 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
         image = next(raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw)
         samples.append({"key": raw["__key__"], "prompt": meta["prompt"], "expected": meta["response"],
                         "ids": ids, "mask": mask, "pixels": pixels, "image": image})
-    engine = Engine(model, tokenizer)
-    pooled = []
-    for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", unit="batch", disable=None):
+    return samples, skipped
+
+
+def read_back(model, tokenizer: Tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int = 8,
+              progress: bool = False) -> list[str]:
+    """Greedy generation for each sample's image and prompt."""
+    engine, outputs = Engine(model, tokenizer), []
+    for start in tqdm(range(0, len(samples), batch_size), desc="reading", unit="batch", disable=not progress or None):
         chunk = samples[start:start + batch_size]
         pixels = normalize(torch.stack([s["pixels"] for s in chunk]))
-        outputs = engine.generate([s["prompt"] for s in chunk], pixels, max_new_tokens=max_new_tokens)
-        pooled.append(model.encode_images(pixels).mean(dim=1))
-        for s, pixel, out in zip(chunk, pixels, outputs):
-            ids = torch.tensor([s["ids"][:-1]])
-            targets = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(s["ids"][1:], s["mask"][1:])]])
-            s.update(generated=out, loss=model(ids, targets=targets, pixel_values=pixel[None]).item(),
-                     exact=out == s["expected"], cer=cer(out, s["expected"]), ned=ned(out, s["expected"]),
-                     word_recall=word_recall(out, s["expected"]))
+        outputs += engine.generate([s["prompt"] for s in chunk], pixels, max_new_tokens=max_new_tokens)
+    return outputs
+
+
+def sample_loss(model, sample: dict, pixels: torch.Tensor) -> float:
+    """Mean cross-entropy of the sample's response given `pixels` (1, 3, S, S) as its image."""
+    ids = torch.tensor([sample["ids"][:-1]])
+    targets = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(sample["ids"][1:], sample["mask"][1:])]])
+    return model(ids, targets=targets, pixel_values=pixels).item()
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512, batch_size: int = 8,
+             limit: int | None = None) -> dict:
+    model.eval()
+    samples, skipped = load_samples(shards, tokenizer, model.cfg, limit)
+    outputs = read_back(model, tokenizer, samples, max_new_tokens, batch_size, progress=True)
+    share = VisionShare(model.cfg.vision_grid ** 2, model.cfg.gpt.n_embd)
+    for start in range(0, len(samples), batch_size):
+        share.add(model.vision_tokens(normalize(torch.stack([s["pixels"] for s in samples[start:start + batch_size]]))))
+    for i, (s, out) in enumerate(zip(samples, outputs)):
+        other = samples[(i + 1) % len(samples)]["pixels"]        # the next page's image: same text, wrong page
+        s.update(generated=out, loss=sample_loss(model, s, normalize(s["pixels"][None])),
+                 loss_other_image=sample_loss(model, s, normalize(other[None])) if len(samples) > 1 else float("nan"),
+                 exact=out == s["expected"], cer=cer(out, s["expected"]), ned=ned(out, s["expected"]),
+                 word_recall=word_recall(out, s["expected"]))
     rows = [{k: v for k, v in s.items() if k not in ("ids", "mask", "pixels")} for s in samples]
     n = max(1, len(rows))
+    mean = {key: sum(r[key] for r in rows) / n for key in ("loss", "loss_other_image", "cer", "ned", "word_recall")}
     summary = {"samples": len(rows), "exact_match": sum(r["exact"] for r in rows),
-               "mean_loss": sum(r["loss"] for r in rows) / n, "mean_cer": sum(r["cer"] for r in rows) / n,
-               "mean_ned": sum(r["ned"] for r in rows) / n, "mean_word_recall": sum(r["word_recall"] for r in rows) / n,
-               "distinct_outputs": len({r["generated"] for r in rows}), "skipped": skipped,
-               **collapse(torch.cat(pooled) if pooled else torch.zeros(0, 1))}
+               "mean_loss": mean["loss"], "mean_cer": mean["cer"], "mean_ned": mean["ned"],
+               "mean_word_recall": mean["word_recall"], "distinct_outputs": len({r["generated"] for r in rows}),
+               "image_gap": mean["loss_other_image"] - mean["loss"], "vision_share": share.share(),
+               "skipped": skipped}
     return {"summary": summary, "samples": rows}
 
 
@@ -114,19 +130,23 @@ def table(result: dict) -> str:
                      f"{r['ned']:>7.3f}{r['word_recall']:>8.2f}")
     s = result["summary"]
     lines.append(f"exact match {s['exact_match']}/{s['samples']} | distinct outputs {s['distinct_outputs']} | "
-                 f"mean CER {s['mean_cer']:.3f} | vision cosine mean {s['mean_cosine']:.3f} max {s['max_cosine']:.3f}")
+                 f"mean CER {s['mean_cer']:.3f} | image-dependent share of vision tokens {s['vision_share']:.4f}")
+    lines.append(verdict(s["image_gap"]))
     return "\n".join(lines)
 
 
-def loss_curve(metrics_jsonl: Path, out_png: Path) -> bool:
+def curves(metrics_jsonl: Path, out_dir: Path) -> list[str]:
+    """Plots of the run's metrics: loss.png (train and val loss by step) and, when evaluations read pages back,
+    reading.png (held-out CER and the image gap against training minutes and pages seen). Returns the files made."""
     if not metrics_jsonl.exists():
-        return False
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    made = []
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -134,15 +154,30 @@ def loss_curve(metrics_jsonl: Path, out_png: Path) -> bool:
         ax.plot(*zip(*train), label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", label="val loss")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
+    ax.set(yscale="log", xlabel="step", ylabel="cross-entropy")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    fig.savefig(out_dir / "loss.png", dpi=100)
     plt.close(fig)
-    return True
+    made.append("loss.png")
+    reads = [r for r in records if "val_cer" in r]
+    if reads:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+        for ax, (key, label, scale) in zip(axes, [("train_seconds", "training minutes", 60),
+                                                  ("samples_seen", "pages seen", 1)]):
+            x = [r[key] / scale for r in reads]
+            ax.plot(x, [r["val_cer"] for r in reads], "o-", label="held-out CER")
+            ax.plot(x, [min(r["image_gap"], 1.0) for r in reads], "s--", label="image gap (nats/token, ≤1 shown)")
+            ax.set(xlabel=label, ylim=(0, 1.05))
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("CER")
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "reading.png", dpi=100)
+        plt.close(fig)
+        made.append("reading.png")
+    return made
 
 
 def _diff(expected: str, generated: str) -> str:
@@ -172,9 +207,9 @@ def write_report(result: dict, out_dir: str | Path, metrics_jsonl: str | Path | 
     (out / "report.json").write_text(json.dumps(
         {"summary": result["summary"], "samples": [{k: v for k, v in r.items() if k != "image"}
                                                    for r in result["samples"]]}, indent=1))
-    curve = ""
-    if metrics_jsonl and loss_curve(Path(metrics_jsonl), out / "loss.png"):
-        curve = f'<img alt="loss curve" src="data:image/png;base64,{base64.b64encode((out / "loss.png").read_bytes()).decode()}">'
+    plots = curves(Path(metrics_jsonl), out) if metrics_jsonl else []
+    curve = "".join(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode((out / name).read_bytes()).decode()}">'
+                    for name in plots)
     rows = "".join(
         f"<tr><td><img src=\"data:image/png;base64,{_thumbnail(r['image'])}\"></td>"
         f"<td><pre>{html.escape(r['expected'])}</pre></td><td><pre>{_diff(r['expected'], r['generated'])}</pre></td>"
@@ -187,7 +222,8 @@ vertical-align:top}} pre{{margin:0;white-space:pre-wrap}} ins{{background:#c8f7c
 del{{background:#f7c5c5}}</style></head><body><h1>ocr_vlm evaluation</h1>
 <p>exact match <b>{s['exact_match']}/{s['samples']}</b> · distinct outputs {s['distinct_outputs']} · mean loss
 {s['mean_loss']:.4f} · mean CER {s['mean_cer']:.3f} · mean NED {s['mean_ned']:.3f} · word recall
-{s['mean_word_recall']:.2f} · vision cosine mean {s['mean_cosine']:.3f} / max {s['max_cosine']:.3f}</p>{curve}
+{s['mean_word_recall']:.2f} · image-dependent share of vision tokens {s['vision_share']:.4f}</p>
+<p><b>{html.escape(verdict(s['image_gap']))}</b></p>{curve}
 <table><tr><th>image</th><th>expected</th><th>generated (<ins>added</ins> <del>missing</del>)</th><th>metrics</th></tr>
 {rows}</table></body></html>"""
     (out / "report.html").write_text(page)

@@ -11,6 +11,7 @@ Runs under the `deepspeed` launcher, torchrun, or as one plain python process (r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -25,12 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_get_full_grad
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
 from ocr_vlm import config, flops, recipe, weights
 from ocr_vlm.config import ConfigError, TrainConfig
 from ocr_vlm.data.loader import Loader
+from ocr_vlm.diagnostics import VisionShare, mismatched, verdict
+from ocr_vlm.evaluate import cer, load_samples, read_back
 from ocr_vlm.image import normalize
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.vlm import COMPONENTS, build_model
@@ -100,7 +104,8 @@ class Trainer:
                     f"{cfg.micro_batch} row(s) x {self.gas} accumulation = {cfg.global_batch} rows per step")
         data = config.strict_overrides(cfg.data, [f"--batch_rows={cfg.micro_batch}"])
         self.loader = Loader(data, cfg.model, self.tokenizer_path, self.rank, self.world)
-        self.step = 0
+        self.step, self.samples_seen, self.train_seconds = 0, 0, 0.0
+        self.read_samples = None          # (tokenizer, this rank's share of the pages eval_read reads back)
         self.tracker = Tracker(self.out, config.to_dict(cfg), enabled=self.rank == 0, use_wandb=cfg.wandb,
                                project=cfg.wandb_project, run_name=cfg.run_name, resume=self.resume_path is not None)
         self.frozen_before = {n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad} \
@@ -138,10 +143,11 @@ class Trainer:
         bad_in_a_row = 0
         while self.step < self.cfg.steps:
             started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
-            losses, counters, skipped_micro = [], {}, 0
+            losses, counters, skipped_micro, grad_norms = [], {}, 0, {}
             while len(losses) < self.gas:
                 batch = next(batches)
-                loss = self._forward(batch)
+                lm, reading = self._forward(batch, reading=self.cfg.reading_weight > 0)
+                loss = lm if reading is None else lm + self.cfg.reading_weight * reading
                 if self._any_rank(not torch.isfinite(loss.detach()).item()):
                     # Every rank drops this micro-batch together (no backward, no engine.step), so the
                     # optimizer never sees a non-finite gradient and the step is rebuilt from fresh data.
@@ -153,12 +159,15 @@ class Trainer:
                     continue
                 bad_in_a_row = 0
                 self.engine.backward(loss)
+                if len(losses) == self.gas - 1 and self._logs(self.step + 1):
+                    grad_norms = self._component_grad_norms()    # the step's gradient exists only until it is taken
                 self.engine.step()
-                losses.append(loss.detach())
+                losses.append(torch.stack([lm.detach(), (reading if reading is not None else lm * 0).detach()]))
                 for k, v in batch["counters"].items():
                     counters[k] = counters.get(k, 0) + v
             self.step += 1
-            self._log(torch.stack(losses).mean(), lr, counters, skipped_micro, time.perf_counter() - started)
+            self._log(torch.stack(losses).mean(0), lr, counters, skipped_micro, grad_norms,
+                      time.perf_counter() - started)
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 self.evaluate()
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
@@ -168,37 +177,63 @@ class Trainer:
         self.export()
         self.tracker.close()
 
-    def _forward(self, batch: dict) -> torch.Tensor:
+    def _forward(self, batch: dict, pixels: torch.Tensor | None = None, reading: bool = False):
+        """(cross-entropy, reading loss or None). `pixels` replaces the batch's images (the mismatched-image check)."""
         tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        tensors["pixel_values"] = normalize(tensors["pixel_values"], torch.bfloat16 if self._bf16 else torch.float32)
-        return self.engine(tensors["input_ids"], targets=tensors["targets"], pixel_values=tensors["pixel_values"],
-                           position_ids=tensors["position_ids"], doc_ids=tensors["doc_ids"])
+        pixels = tensors["pixel_values"] if pixels is None else pixels.to(self.device)
+        out = self.engine(tensors["input_ids"], targets=tensors["targets"],
+                          pixel_values=normalize(pixels, torch.bfloat16 if self._bf16 else torch.float32),
+                          position_ids=tensors["position_ids"], doc_ids=tensors["doc_ids"],
+                          reading=(tensors["reading_targets"], tensors["reading_lengths"]) if reading else None)
+        return out if reading else (out, None)
+
+    def _logs(self, step: int) -> bool:
+        """Whether `step` prints and records its metrics (the same answer on every rank)."""
+        return step % self.cfg.log_every == 0 or step == self.cfg.steps
+
+    def _component_grad_norms(self) -> dict:
+        """Each trainable component's gradient norm: a tower whose gradient stays near zero is not learning.
+        Every rank calls this (ZeRO assembles partitioned gradients collectively)."""
+        norms = {}
+        for name in COMPONENTS:
+            grads = [safe_get_full_grad(p) for p in self.model.component_parameters(name) if p.requires_grad]
+            if grads:
+                norms[name] = sum(g.float().square().sum().item() for g in grads if g is not None) ** 0.5
+        return norms
 
     @property
     def _bf16(self) -> bool:
         return bool(self.ds_config.get("bf16", {}).get("enabled"))
 
-    def _log(self, loss: torch.Tensor, lr: float, counters: dict, skipped_micro: int, dt: float) -> None:
-        totals = torch.tensor([loss.float().item(), counters.get("tokens", 0), counters.get("samples", 0),
+    def _log(self, losses: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
+             dt: float) -> None:
+        """`losses`: this rank's mean (cross-entropy, reading loss) over the step's micro-batches."""
+        totals = torch.tensor([*losses.float().tolist(), counters.get("tokens", 0), counters.get("samples", 0),
                                counters.get("vision_samples", 0),
                                sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
         totals = self._sum_over_ranks(totals)
-        loss_mean = totals[0].item() / self.world
-        tokens, samples, images, skipped = (int(x) for x in totals[1:])
+        loss_mean, reading_mean = totals[0].item() / self.world, totals[1].item() / self.world
+        tokens, samples, images, skipped = (int(x) for x in totals[2:])
         grad_norm = self.engine.get_global_grad_norm()
         train_flops = tokens * self.token_flops + images * self.image_flops
         metrics = {"loss": loss_mean, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "dt_ms": dt * 1000, "tokens_per_s": tokens / dt, "samples_per_s": samples / dt,
                    "tflops_per_s": train_flops / dt / 1e12, "skipped_samples": skipped,
-                   "skipped_micro_batches": skipped_micro}
+                   "skipped_micro_batches": skipped_micro, "samples_seen": self.samples_seen + samples,
+                   **{f"grad_norm/{name}": norm for name, norm in grad_norms.items()}}
+        self.samples_seen, self.train_seconds = metrics["samples_seen"], self.train_seconds + dt
+        if self.cfg.reading_weight:
+            metrics["reading_loss"] = reading_mean
         if self.peak:
             metrics["mfu"] = train_flops / dt / (self.peak * self.world)
-        if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps):
+        if self.rank == 0 and self._logs(self.step):
             mfu = f"mfu {metrics['mfu'] * 100:.1f}%" if self.peak else "mfu n/a (cpu)"
             grad = f"{metrics['grad_norm']:.3f}" if metrics["grad_norm"] is not None else "n/a"
-            print(f"step {self.step:05d}/{self.cfg.steps:05d} | loss {loss_mean:.4f} | lr {metrics['lr']:.2e} | "
-                  f"grad {grad} | dt {dt * 1000:.0f}ms | tok/s {metrics['tokens_per_s']:,.0f} | "
+            reading = f"reading {reading_mean:.4f} | " if self.cfg.reading_weight else ""
+            towers = " ".join(f"{name} {norm:.2e}" for name, norm in grad_norms.items())
+            print(f"step {self.step:05d}/{self.cfg.steps:05d} | loss {loss_mean:.4f} | {reading}lr {metrics['lr']:.2e} | "
+                  f"grad {grad} ({towers}) | dt {dt * 1000:.0f}ms | tok/s {metrics['tokens_per_s']:,.0f} | "
                   f"samples/s {metrics['samples_per_s']:.2f} | {mfu} | skipped {skipped}", flush=True)
         self.tracker.log(self.step, metrics)
 
@@ -212,29 +247,66 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over every target token of the val shards, each sample once across ranks."""
-        eval_data = config.strict_overrides(self.cfg.data, [f"--shards={self.cfg.eval_shards}", "--text_ratio=0",
-                                                            "--num_workers=0", f"--batch_rows={self.cfg.micro_batch}"])
+    def evaluate(self) -> dict:
+        """Validation loss over every target token of the val shards (each sample once across ranks), and whether the
+        model reads: the loss with each sample given another sample's image, and the image-dependent share of the
+        vision tokens (diagnostics.py)."""
+        eval_data = dataclasses.replace(self.cfg.data, shards=self.cfg.eval_shards, text_ratio=0.0, num_workers=0,
+                                        batch_rows=self.cfg.micro_batch)
         batches = iter(Loader(eval_data, self.cfg.model, self.tokenizer_path, self.rank, self.world, finite=True))
         self.engine.eval()
-        total, last = torch.zeros(2, dtype=torch.float64), None
+        total, last = torch.zeros(3, dtype=torch.float64), None
+        share = VisionShare(self.cfg.model.vision_grid ** 2, self.cfg.model.gpt.n_embd)
         while True:
             batch = next(batches, None)
             # ZeRO-3 gathers parameters collectively: ranks whose share ran out repeat a batch with zero weight.
             if not self._any_rank(batch is not None):
                 break
             weight = 1.0 if batch is not None else 0.0
-            batch = batch if batch is not None else last
-            n = int((batch["targets"] != IGNORE_INDEX).sum())
-            total += torch.tensor([self._forward(batch).float().item() * n * weight, n * weight], dtype=torch.float64)
+            batch, previous = (batch if batch is not None else last), (last["pixel_values"] if last else None)
+            n = int((batch["targets"] != IGNORE_INDEX).sum()) * weight
+            own, _ = self._forward(batch)
+            other, _ = self._forward(batch, pixels=mismatched(batch["pixel_values"], previous))
+            total += torch.tensor([own.float().item() * n, other.float().item() * n, n], dtype=torch.float64)
+            pixels = normalize(batch["pixel_values"].to(self.device), torch.bfloat16 if self._bf16 else torch.float32)
+            if weight and len(pixels):
+                share.add(self.engine.module.vision_tokens(pixels))
+            elif len(pixels):
+                self.engine.module.vision_tokens(pixels)     # the collective gathers every rank takes part in
             last = batch
-        total = self._sum_over_ranks(total)
+        total, share.moments = self._sum_over_ranks(total), self._sum_over_ranks(share.moments)
         self.engine.train()
-        val_loss = (total[0] / total[1].clamp(min=1)).item()
-        self._print(f"step {self.step:05d} | val loss {val_loss:.4f} over {int(total[1])} target tokens")
-        self.tracker.log(self.step, {"val_loss": val_loss})
-        return val_loss
+        tokens = total[2].clamp(min=1)
+        result = {"val_loss": (total[0] / tokens).item(), "val_loss_other_image": (total[1] / tokens).item(),
+                  "vision_share": share.share()}
+        result["image_gap"] = result["val_loss_other_image"] - result["val_loss"]
+        self._print(f"step {self.step:05d} | val loss {result['val_loss']:.4f} over {int(total[2])} target tokens | "
+                    f"with another page's image {result['val_loss_other_image']:.4f} | image-dependent share of "
+                    f"vision tokens {result['vision_share']:.4f} | {verdict(result['image_gap'])}")
+        if self.cfg.eval_read:
+            result["val_cer"] = self._read_back()
+            self._print(f"step {self.step:05d} | read back {self.cfg.eval_read} val pages: mean CER "
+                        f"{result['val_cer']:.4f} after {self.samples_seen:,} samples, "
+                        f"{self.train_seconds / 60:.1f} min of training")
+        self.tracker.log(self.step, {**result, "samples_seen": self.samples_seen, "train_seconds": self.train_seconds})
+        return result
+
+    def _read_back(self) -> float:
+        """Mean CER of greedy generation on the first `eval_read` val pages, split over the ranks."""
+        if self.zero_stage == 3:
+            raise ConfigError("eval_read: generation needs whole parameters on every rank (ZeRO-0/1/2)")
+        if self.read_samples is None:
+            tokenizer = Tokenizer.load(self.tokenizer_path)
+            samples, _ = load_samples(self.cfg.eval_shards, tokenizer, self.cfg.model, self.cfg.eval_read)
+            self.read_samples = (tokenizer, samples[self.rank::self.world])
+        tokenizer, samples = self.read_samples
+        self.engine.eval()
+        outputs = read_back(self.engine.module, tokenizer, samples, max_new_tokens=self.cfg.eval_read_tokens)
+        self.engine.train()
+        total = torch.tensor([sum(cer(o, s["expected"]) for o, s in zip(outputs, samples)), len(samples)],
+                             dtype=torch.float64)
+        total = self._sum_over_ranks(total)
+        return (total[0] / total[1].clamp(min=1)).item()
 
     # ------------------------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -243,7 +315,8 @@ class Trainer:
         dist.all_gather_object(states, {"loader": self.loader.state_dict(), "rng": _rng_state()})
         tag = f"step{self.step:06d}"
         ckpt_dir = self.out / CHECKPOINTS
-        client = {"step": self.step, "ranks": states, "recipe": config.to_dict(self.cfg),
+        client = {"step": self.step, "samples_seen": self.samples_seen, "train_seconds": self.train_seconds,
+                  "ranks": states, "recipe": config.to_dict(self.cfg),
                   # lets ds_to_universal convert it for a resume on another world size (no tensor parallelism here)
                   UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
@@ -271,7 +344,8 @@ class Trainer:
         loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise TrainingError(f"resume: DeepSpeed could not load {path}")
-        self.step = client["step"]
+        self.step, self.samples_seen = client["step"], client.get("samples_seen", 0)
+        self.train_seconds = client.get("train_seconds", 0.0)
         ranks = client["ranks"]
         if len(ranks) == self.world:
             self.loader.load_state_dict(ranks[self.rank]["loader"])

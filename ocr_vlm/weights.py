@@ -135,7 +135,8 @@ NANOCHAT_HF = KeyTable(
 )
 
 OCR_VLM = KeyTable(name="ocr_vlm export", pairs=(("{rest}", "{rest}"),),
-                   scope=("sam_model", "vision_model", "projector", "image_newline", "view_separator", "gpt"))
+                   scope=("sam_model", "vision_model", "projector", "image_newline", "view_separator", "gpt",
+                          "reading_head"))
 
 FORMATS = {"hf_sam": SAM_HF, "hf_clip": CLIP_HF, "deepseek_ocr": DEEPSEEK_OCR, "nanochat": NANOCHAT,
            "hf_nanochat": NANOCHAT_HF, "ocr_vlm": OCR_VLM}

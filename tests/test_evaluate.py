@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ocr_vlm import config
-from ocr_vlm.evaluate import cer, collapse, evaluate, ned, word_recall, write_report
+from ocr_vlm.evaluate import cer, evaluate, ned, word_recall, write_report
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
 
@@ -20,9 +20,6 @@ def test_metrics_on_hand_made_pairs():
     assert ned("kitten", "sitting") == 3 / 7                 # over the longer string
     assert ned("", "abc") == 1.0 and cer("abcdef", "abc") == 1.0
     assert word_recall("open 24 hours", "OPEN 24 HOURS now") == 0.75
-    same = collapse(torch.ones(3, 4))
-    assert abs(same["mean_cosine"] - 1) < 1e-6
-    assert abs(collapse(torch.eye(3))["max_cosine"]) < 1e-6
 
 
 class Rows(HTMLParser):
@@ -39,7 +36,9 @@ def test_report_files_hold_the_computed_numbers(tmp_path):
     model = build_model(config.tiny())
     result = evaluate(model, Tokenizer.load(TINY_TOKENIZER), TIER1, max_new_tokens=8)
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(1, 6)))
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(1, 6))
+                       + json.dumps({"step": 5, "val_loss": 1.0, "image_gap": 0.5, "val_cer": 0.4, "samples_seen": 50,
+                                     "train_seconds": 30.0}) + "\n")
     out = write_report(result, tmp_path / "report", metrics)
     saved = json.loads((out / "report.json").read_text())
     assert saved["summary"]["samples"] == 10 and len(saved["samples"]) == 10
@@ -49,4 +48,7 @@ def test_report_files_hold_the_computed_numbers(tmp_path):
     parser = Rows()
     parser.feed((out / "report.html").read_text())
     assert parser.rows == 1 + 10                              # header + one row per sample
-    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("loss.png", "reading.png"):                 # reading.png: CER by minutes and pages seen
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an untrained model is blind, and the report says so in words
+    assert abs(saved["summary"]["image_gap"]) < 0.05 and "NOT READING" in (out / "report.html").read_text()

@@ -22,6 +22,7 @@ from ocr_vlm.config import DataConfig, VLMConfig
 from ocr_vlm.data.stream import SampleStream, ShardSet, Skipped
 from ocr_vlm.image import ImageError, load_pixels
 from ocr_vlm.model.gpt import IGNORE_INDEX
+from ocr_vlm.model.reading import reading_targets
 from ocr_vlm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Example:
     inputs: list[int]
     targets: list[int]
     pixels: torch.Tensor | None       # (3, S, S) uint8 for a vision sample; normalised on the device
+    reading: list[int]                # the reading head's CTC target (the response's bytes); [] for text samples
     state: dict                       # stream positions before this sample was drawn
 
 
@@ -42,8 +44,8 @@ class BadSample(ValueError):
         self.reason = reason
 
 
-def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int], list[int], torch.Tensor | None]:
-    """A raw webdataset sample -> (ids, mask, pixels). Raises BadSample naming what is wrong."""
+def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int], list[int], torch.Tensor | None, list[int]]:
+    """A raw webdataset sample -> (ids, mask, pixels, reading target). Raises BadSample naming what is wrong."""
     if "json" not in sample:
         raise BadSample("missing_json", "no .json member")
     try:
@@ -64,7 +66,7 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int
             ids, mask = tokenizer.render_conversation(meta["messages"])
         except ValueError as e:
             raise BadSample("bad_fields", str(e)) from None
-        return ids, mask, None
+        return ids, mask, None, []
     for name in ("prompt", "response"):
         if not isinstance(meta.get(name), str):
             raise BadSample("bad_fields", f"field '{name}' missing or not a string")
@@ -73,7 +75,7 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int
     except ImageError as e:
         raise BadSample(e.reason, str(e)) from None
     ids, mask = tokenizer.render_sample(meta["prompt"], meta["response"], vlm.image_tokens)
-    return ids, mask, pixels
+    return ids, mask, pixels, reading_targets(meta["response"])
 
 
 class PackedBatches(IterableDataset):
@@ -116,7 +118,7 @@ class PackedBatches(IterableDataset):
                 continue
             where = f"{item.get('__url__')}:{item.get('__key__')}"
             try:
-                ids, mask, pixels = decode(item, tokenizer, self.vlm)
+                ids, mask, pixels, reading = decode(item, tokenizer, self.vlm)
             except BadSample as e:
                 log.warning("skipping sample %s: %s", where, e)
                 yield (e.reason, where, 1)
@@ -125,7 +127,7 @@ class PackedBatches(IterableDataset):
                 yield ("too_long", where, 1)
                 continue
             targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
-            yield Example(ids[:-1], targets, pixels, before)
+            yield Example(ids[:-1], targets, pixels, reading, before)
 
     def _pack(self, examples, tokenizer: Tokenizer, logical: int) -> Iterator[dict]:
         rows: list[list[Example]] = [[]]
@@ -153,7 +155,7 @@ class PackedBatches(IterableDataset):
             "position_ids": torch.arange(T).repeat(B, 1),
             "doc_ids": torch.full((B, T), -1, dtype=torch.long),   # padding: its own block, supervises nothing
         }
-        images = []
+        images, reading = [], []
         for r, row in enumerate(rows):
             at = 0
             for doc, ex in enumerate(row):
@@ -165,9 +167,12 @@ class PackedBatches(IterableDataset):
                 at += n
                 if ex.pixels is not None:
                     images.append(ex.pixels)
+                    reading.append(ex.reading)
                 counters["vision_samples" if ex.pixels is not None else "text_samples"] += 1
         size = self.vlm.image_size
         batch["pixel_values"] = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+        batch["reading_targets"] = torch.tensor([b for r in reading for b in r], dtype=torch.long)
+        batch["reading_lengths"] = torch.tensor([len(r) for r in reading], dtype=torch.long)
         counters["samples"] = counters["vision_samples"] + counters["text_samples"]
         counters["tokens"] = int((batch["doc_ids"] >= 0).sum())
         counters["target_tokens"] = int((batch["targets"] != IGNORE_INDEX).sum())

@@ -3,9 +3,11 @@
     python -m ocr_vlm.data.render tier1 --out shards/tier1     # the shipped 10-sample set, byte-identical
     python -m ocr_vlm.data.render synth --n 200 --seed 1 --out data/synth   # manifest + images + conversations
     python -m ocr_vlm.data.render corpus --n 3000 --out corpus.txt          # text for training a tokenizer
+    python -m ocr_vlm.data.render reading --set page --n 5000 --seed 1 --out shards/read  # pages to learn reading
 
-Text is drawn with Pillow's built-in scalable font, so nothing is downloaded and the pixels are reproducible.
-The ground truth is exactly the drawn text in reading order, one drawn line per text line.
+Receipts, charts and signs are drawn with Pillow's built-in scalable font; reading pages with the DejaVu fonts that
+matplotlib ships. Nothing is downloaded and the pixels are reproducible. The ground truth is exactly the drawn text
+in reading order, one drawn line per text line.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ import argparse
 import io
 import json
 import random
+import string
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
+import matplotlib
 from PIL import Image, ImageDraw, ImageFont
 
 from ocr_vlm.data.shards import Record, write_shards
 
 PROMPTS = {"receipt": "<image>\nFree OCR.", "chart": "<image>\nParse the figure.",
-           "sign": "<image>\nRead the text in the image."}
+           "sign": "<image>\nRead the text in the image.", "reading": "<image>\nFree OCR."}
 STORES = ["CORNER MARKET", "BLUE BAKERY", "CITY PHARMACY", "GREEN GROCER", "NORTH CAFE", "HARBOR HARDWARE",
           "SUNNY BOOKS", "RIVER DELI"]
 ITEMS = ["milk", "bread", "eggs", "apples", "coffee", "tea", "rice", "butter", "cheese", "bananas", "soap",
@@ -179,6 +184,76 @@ def random_page(rng: random.Random) -> Page:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Reading pages: random strings, so a model can only get them right by reading the image (no language prior helps).
+
+READING_FONTS = ("DejaVuSans.ttf", "DejaVuSansMono.ttf", "DejaVuSerif.ttf")   # in matplotlib's mpl-data
+READING_ALPHABET = string.ascii_letters + string.digits
+
+
+@dataclass(frozen=True)
+class ReadingSet:
+    """How reading pages are drawn: ranges are inclusive."""
+    lines: tuple[int, int]
+    chars: tuple[int, int]          # characters per line, spaces included
+    px: tuple[int, int]             # font size in pixels
+    spaces: bool                    # single spaces between random words
+    alphabet: str = READING_ALPHABET
+    side: int = 256
+
+
+READING_SETS = {
+    "digit": ReadingSet(lines=(1, 1), chars=(1, 1), px=(56, 72), spaces=False, alphabet=string.digits),
+    "line": ReadingSet(lines=(1, 1), chars=(4, 8), px=(24, 32), spaces=False),
+    "page": ReadingSet(lines=(1, 4), chars=(4, 16), px=(16, 28), spaces=True),
+}
+
+
+@lru_cache(maxsize=None)
+def reading_font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(f"{matplotlib.get_data_path()}/fonts/ttf/{name}", size)
+
+
+def reading_line(rng: random.Random, n: int, spec: ReadingSet) -> str:
+    """n characters of the set's alphabet, with single spaces (never first, last or doubled) when `spaces`."""
+    chars = [rng.choice(spec.alphabet) for _ in range(n)]
+    if spec.spaces:
+        for i in range(1, n - 1):
+            if chars[i - 1] != " " and rng.random() < 0.2:
+                chars[i] = " "
+    return "".join(chars)
+
+
+def reading_page(rng: random.Random, spec: ReadingSet) -> Page:
+    """Dark ink on a light background; the block of lines and each line's start placed at random, lines read top
+    to bottom. A draw whose widest line would not fit the page is redrawn."""
+    margin = 4
+    while True:
+        face = reading_font(rng.choice(READING_FONTS), rng.randint(*spec.px))
+        lines = [reading_line(rng, rng.randint(*spec.chars), spec) for _ in range(rng.randint(*spec.lines))]
+        widths = [face.getlength(line) for line in lines]
+        if max(widths) <= spec.side - 2 * margin:
+            break
+    pitch = round(face.size * rng.uniform(1.2, 1.6))
+    height = pitch * (len(lines) - 1) + round(face.size * 1.2)
+    paper = tuple(rng.randint(200, 255) for _ in range(3))
+    ink = tuple(rng.randint(0, 90) for _ in range(3))
+    image = Image.new("RGB", (spec.side, spec.side), paper)
+    draw = ImageDraw.Draw(image)
+    top = rng.randint(margin, max(margin, spec.side - height - margin))
+    for i, (line, width) in enumerate(zip(lines, widths)):
+        left = rng.randint(margin, int(spec.side - width - margin))
+        draw.text((left, top + i * pitch), line, font=face, fill=ink)
+    return Page("reading", image, "\n".join(lines))
+
+
+def write_reading(spec: ReadingSet, n: int, seed: int, out_dir: str | Path) -> dict:
+    """`n` reading pages as shards; a different seed gives pages never seen under another."""
+    rng = random.Random(f"reading/{seed}")
+    records = (page_record(f"read_{seed}_{i:07d}", reading_page(rng, spec), "synthetic-reading") for i in range(n))
+    return write_shards(records, out_dir, prefix="read")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The tier-1 set and larger synthetic sets.
 
 def tier1_pages() -> list[Page]:
@@ -265,9 +340,16 @@ def main(argv: list[str] | None = None) -> None:
     corpus.add_argument("--n", type=int, default=3000)
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--out", required=True)
+    reading = sub.add_parser("reading", help="write shards of random-string pages (learning to read)")
+    reading.add_argument("--set", choices=sorted(READING_SETS), default="page")
+    reading.add_argument("--n", type=int, required=True)
+    reading.add_argument("--seed", type=int, default=0)
+    reading.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "tier1":
         print(json.dumps(write_tier1(args.out)))
+    elif args.command == "reading":
+        print(json.dumps(write_reading(READING_SETS[args.set], args.n, args.seed, args.out)))
     elif args.command == "synth":
         print(f"wrote {write_synth(args.n, args.seed, args.out)}")
     else:

@@ -3,6 +3,7 @@
     pixels (N,3,S,S) ─ sam_model ─▶ (N,C,g,g) ─ vision_model ─▶ (N,1+g²,W)
     cat(CLIP[:,1:], SAM tokens) ─ projector ─▶ (N,g²,D) ─ layout ─▶ (N, g·(g+1)+1, D)
     token embeddings with the <|image|> positions replaced, in order ─ gpt ─▶ loss or logits
+    (training only) (N,g²,D) ─ reading_head ─▶ CTC loss against the page's characters
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from torch import nn
 from ocr_vlm.config import VLMConfig
 from ocr_vlm.model.clip import ClipEncoder
 from ocr_vlm.model.gpt import GPT, chunked_cross_entropy
+from ocr_vlm.model.reading import ReadingHead
 from ocr_vlm.model.sam import SamEncoder
 
 # Top-level modules of each component, as the summary table, freezing and checkpointing name them.
 COMPONENTS = {
     "sam": ("sam_model",),
     "clip": ("vision_model",),
-    "projector": ("projector", "image_newline", "view_separator"),
+    "projector": ("projector", "image_newline", "view_separator", "reading_head"),
     "gpt": ("gpt",),
 }
 
@@ -48,50 +50,67 @@ class VLM(nn.Module):
         self.image_newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.view_separator = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.gpt = GPT(cfg.gpt)
+        # training-only: ties the vision tokens to the page's characters (model/reading.py)
+        self.reading_head = ReadingHead(width, cfg.vision_grid, cfg.reading_head) if cfg.reading_head else None
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N,3,S,S) -> (N, image_tokens, D): grid rows each closed by a newline, then one separator."""
+    def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N,3,S,S) -> (N, g², D): the projected token grid, row-major, before the layout adds newlines."""
         sam = self.sam_model(pixels)
         clip = self.vision_model(sam)
         fused = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)   # CLIP first: projector weights depend on it
-        x = self.projector(fused)
-        n, g, d = x.shape[0], sam.shape[-1], x.shape[-1]
-        rows = torch.cat([x.view(n, g, g, d), self.image_newline.to(x.dtype).expand(n, g, 1, d)], dim=2)
-        return torch.cat([rows.flatten(1, 2), self.view_separator.to(x.dtype).expand(n, 1, d)], dim=1)
+        return self.projector(fused)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with each image's embeddings written into its <|image|> placeholders, in order."""
+    def layout(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, g², D) -> (N, image_tokens, D): grid rows each closed by a newline, then one separator."""
+        n, g, d = tokens.shape[0], self.cfg.vision_grid, tokens.shape[-1]
+        rows = torch.cat([tokens.view(n, g, g, d), self.image_newline.to(tokens.dtype).expand(n, g, 1, d)], dim=2)
+        return torch.cat([rows.flatten(1, 2), self.view_separator.to(tokens.dtype).expand(n, 1, d)], dim=1)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N,3,S,S) -> (N, image_tokens, D): what replaces the images' <|image|> placeholders."""
+        return self.layout(self.vision_tokens(pixels))
+
+    def embed(self, input_ids: torch.Tensor, vision: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's `vision_tokens` laid out into its <|image|> placeholders, in order."""
         x = self.gpt.embed(input_ids)
         slots = input_ids == self.cfg.image_token_id
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        n_images = 0 if vision is None else vision.shape[0]
         expected, found = n_images * self.cfg.image_tokens, int(slots.sum())
         if expected != found:
             raise ValueError(f"{n_images} image(s) need {expected} <|image|> placeholders "
                              f"({self.cfg.image_tokens} each) but input_ids holds {found}")
         if n_images:
-            vision = self.encode_images(pixel_values).to(x.dtype)
-            x = x.masked_scatter(slots.unsqueeze(-1), vision)
+            x = x.masked_scatter(slots.unsqueeze(-1), self.layout(vision).to(x.dtype))
         elif self.training:
             # A text-only batch still runs the towers, on a blank image weighted by zero: under ZeRO-3 every rank
             # gathers the towers' parameters collectively each step, and every trainable parameter gets a gradient.
-            blank = x.new_zeros(1, 3, self.cfg.image_size, self.cfg.image_size)
-            x = x + 0.0 * self.encode_images(blank).sum()
+            tokens = self.vision_tokens(x.new_zeros(1, 3, self.cfg.image_size, self.cfg.image_size))
+            unused = self.layout(tokens).sum() + (self.reading_head(tokens).sum() if self.reading_head else 0.0)
+            x = x + 0.0 * unused
         return x
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy over supervised targets (never full fp32 logits), or logits when no targets."""
-        h = self.gpt.hidden(self.embed(input_ids, pixel_values), position_ids=position_ids, doc_ids=doc_ids)
+                doc_ids: torch.Tensor | None = None, reading: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Mean cross-entropy over supervised targets (never full fp32 logits), or logits when no targets.
+
+        With `reading` = (the images' `reading_targets` concatenated, their lengths) it returns the pair
+        (cross-entropy, reading head's CTC loss); weighing the two is the trainer's business."""
+        vision = self.vision_tokens(pixel_values) if pixel_values is not None and len(pixel_values) else None
+        h = self.gpt.hidden(self.embed(input_ids, vision), position_ids=position_ids, doc_ids=doc_ids)
         if targets is None:
             return self.gpt.logits(h)
-        return chunked_cross_entropy(h, self.gpt.lm_head.weight, targets, self.cfg.gpt.logit_softcap)
+        loss = chunked_cross_entropy(h, self.gpt.lm_head.weight, targets, self.cfg.gpt.logit_softcap)
+        if reading is None:
+            return loss
+        return loss, (self.reading_head.loss(vision, *reading) if vision is not None else loss * 0.0)
 
     def component_parameters(self, component: str) -> list[nn.Parameter]:
         params = []
         for name in COMPONENTS[component]:
             part = getattr(self, name)
-            params += [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+            if part is not None:
+                params += [part] if isinstance(part, nn.Parameter) else list(part.parameters())
         return params
 
     def set_activation_checkpointing(self, sam: bool, clip: bool, gpt: bool) -> None:

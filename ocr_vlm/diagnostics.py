@@ -1,0 +1,54 @@
+"""Is the model reading its images? Two measurements that a blind model cannot fake.
+
+- The image-conditional loss gap: the loss of the same targets with each sample's own image and with another
+  sample's image. A model that reads pays for the wrong page (gap of nats per token); a blind one does not (gap 0).
+- The image-dependent share of the vision tokens: per token position, the variance across pages over the total
+  energy. Towers that collapsed give every page the same tokens (share 0). Pooled (mean-over-tokens) similarity
+  cannot tell: on pages of sparse text most tokens see background, so pooled vectors look alike even when the
+  tokens over the ink differ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Below this many nats per target token, the wrong image costs the model nothing worth the name.
+BLIND_GAP = 0.05
+
+
+def mismatched(pixels: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """Another sample's image for every image: the next one in the batch, and for the last the previous batch's
+    first (the batch's own first when there is no previous batch and it has more than one image)."""
+    spare = previous if previous is not None and len(previous) else pixels
+    return torch.cat([pixels[1:], spare[:1]])
+
+
+class VisionShare:
+    """Per-position first and second moments of vision tokens (N, positions, width), summed over pages; `moments`
+    is a plain tensor so ranks can all-reduce it."""
+
+    def __init__(self, positions: int, width: int):
+        self.moments = torch.zeros(3, positions, width, dtype=torch.float64)   # count, sum, sum of squares
+
+    def add(self, tokens: torch.Tensor) -> None:
+        tokens = tokens.detach().double().cpu()
+        self.moments += torch.stack([torch.full_like(tokens[0], len(tokens)), tokens.sum(0), tokens.square().sum(0)])
+
+    def share(self) -> float:
+        """Variance across pages summed over positions and channels, over the summed mean square."""
+        count, total, squares = self.moments
+        if count.max() < 2:
+            return float("nan")
+        mean_square = squares / count
+        variance = mean_square - (total / count).square()
+        return (variance.sum() / mean_square.sum().clamp(min=1e-30)).item()
+
+
+def verdict(gap: float) -> str:
+    """One line a user reads at a glance."""
+    if gap != gap:   # NaN: no pair of images to compare
+        return "image gap n/a (fewer than two images)"
+    if gap < BLIND_GAP:
+        return (f"NOT READING: the loss barely changes with another page's image (gap {gap:.3f} nats/token < "
+                f"{BLIND_GAP}); the model answers from the text alone")
+    return f"reading: another page's image costs {gap:.3f} nats/token"
