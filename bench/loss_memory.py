@@ -66,7 +66,7 @@ def measure(loss, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) 
 
 
 def packed_row(rows: int, vocab: int, width: int, supervised: float, device: torch.device):
-    """Final hidden states, lm_head weight and targets of one packed row; `supervised` of its positions have a target."""
+    """Final hidden states, lm_head weight and targets of a packed row; `supervised` of its positions have a target."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(rows, width, generator=g)
     weight = torch.randn(vocab, width, generator=g).mul_(width ** -0.5)
