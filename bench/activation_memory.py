@@ -1,9 +1,10 @@
 """Peak memory of one training forward/backward with activation checkpointing off vs on, side by side.
 
-    python bench/activation_memory.py [--seq-len 4096] [--images 4] [--key=value model overrides]
+    python bench/activation_memory.py [--seq-len 4096] [--images 4] [--repeats 3] [--key=value model overrides]
 
 Each setting runs in a fresh process and reports its peak resident memory (CPU) or peak allocated memory (CUDA),
-minus what the process held before the step, so the figure is the step's activations and gradients.
+minus what the process held before the step, so the figure is the step's activations and gradients. The two
+settings alternate over the repeats.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 
 import torch
 
+from harness import alternate, fix_threads, parser, ratios, summary
 from ocr_vlm import config
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.vlm import build_model
@@ -43,29 +46,38 @@ def one_step(args: argparse.Namespace, overrides: list[str], checkpointing: bool
     pixels = torch.randn(args.images, 3, cfg.image_size, cfg.image_size, device=device)
     before = peak_bytes(device)
     model(ids, targets=targets, pixel_values=pixels).backward()
-    return {"peak_mb": (peak_bytes(device) - before) / 2 ** 20, "device": device}
+    return {"peak_mb": (peak_bytes(device) - before) / 2 ** 20}
+
+
+def child(setting: str, args: argparse.Namespace, overrides: list[str]) -> float:
+    """Peak MB of one step with checkpointing `setting`, in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--child", setting, f"--seq-len={args.seq_len}",
+                          f"--images={args.images}", f"--threads={args.threads}", *overrides],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
-    args, overrides = parser.parse_known_args()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--seq-len", type=int, default=4096)
+    args_parser.add_argument("--images", type=int, default=4)
+    args_parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
+    args, overrides = args_parser.parse_known_args()
+    fix_threads(args.threads)
     if args.child:
         print(json.dumps(one_step(args, overrides, args.child == "on")))
         return
-    results = {}
-    for setting in ("off", "on"):
-        out = subprocess.run([sys.executable, __file__, "--child", setting, f"--seq-len={args.seq_len}",
-                              f"--images={args.images}", *overrides], capture_output=True, text=True, check=True)
-        results[setting] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"one step, {args.seq_len} tokens, {args.images} images, on {results['on']['device']}")
-    print(f"{'checkpointing':<16}{'step peak MB':>14}")
-    for setting, r in results.items():
-        print(f"{setting:<16}{r['peak_mb']:>14.0f}")
-    print(f"checkpointing saves {1 - results['on']['peak_mb'] / results['off']['peak_mb']:.0%} "
-          f"({results['off']['peak_mb'] / results['on']['peak_mb']:.1f}x less)")
+    peaks = alternate({setting: lambda setting=setting: child(setting, args, overrides) for setting in ("off", "on")},
+                      args.repeats)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"one step, {args.seq_len} tokens, {args.images} images, on {device}, {args.threads} threads")
+    print(f"{'checkpointing':<16}{'step peak MB':>14}   (medians of {args.repeats})")
+    for setting, values in peaks.items():
+        print(f"{setting:<16}{statistics.median(values):>14.0f}")
+    less = ratios(peaks["off"], peaks["on"])
+    print(f"off / on: {summary(less, '.2f', 'x')}")
+    print(f"headline: checkpointing saves {1 - 1 / statistics.median(less):.0%} of the step's peak "
+          f"({statistics.median(less):.1f}x less)")
 
 
 if __name__ == "__main__":

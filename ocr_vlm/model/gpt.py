@@ -91,8 +91,8 @@ class Documents:
         rows = []
         for lengths, *row in zip(self.lengths, q.unbind(0), k.unbind(0), v.unbind(0)):
             documents = zip(*(x.split(lengths, dim=1) for x in row))      # per document, (heads, length, head_dim)
-            rows.append(torch.cat([attention(*(x.unsqueeze(0) for x in document), causal=True, gqa=gqa).squeeze(0)
-                                   for document in documents], dim=1))
+            out = [attention(*(x.unsqueeze(0) for x in qkv), causal=True, gqa=gqa).squeeze(0) for qkv in documents]
+            rows.append(torch.cat(out, dim=1))
         return torch.stack(rows)
 
 
