@@ -1,7 +1,9 @@
 """Whether a model reads: the reading head's frame order and loss, the image-gap and vision-share diagnostics."""
 
 import dataclasses
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +96,20 @@ def test_mismatched_images_never_pair_a_page_with_itself():
 def test_verdict_says_in_words_when_the_model_is_not_reading():
     assert verdict(BLIND_GAP / 2).startswith("NOT READING")
     assert verdict(2.0).startswith("reading")
+
+
+def test_reading_pages_are_random_strings_that_fit_and_repeat_by_seed():
+    from ocr_vlm.data.render import READING_ALPHABET, READING_SETS, reading_page
+
+    spec = READING_SETS["page"]
+    pages = [reading_page(random.Random(f"t/{i}"), spec) for i in range(40)]
+    again = reading_page(random.Random("t/0"), spec)
+    assert again.text == pages[0].text and again.image.tobytes() == pages[0].image.tobytes()
+    assert len({p.text for p in pages}) == 40
+    for page in pages:
+        lines = page.text.split("\n")
+        assert spec.lines[0] <= len(lines) <= spec.lines[1] and page.image.size == (spec.side, spec.side)
+        assert all(spec.chars[0] <= len(line) <= spec.chars[1] and "  " not in line and line == line.strip()
+                   and set(line) <= set(READING_ALPHABET + " ") for line in lines)
+        ink = np.asarray(page.image.convert("L"))
+        assert ink.min() < 100 < 190 < ink.max()                  # dark ink on a light page
