@@ -63,16 +63,15 @@ def load_samples(shards: str, tokenizer: Tokenizer, cfg, limit: int | None = Non
         if limit is not None and len(samples) >= limit:
             break
         try:
-            ids, mask, pixels, _ = decode(raw, tokenizer, cfg)
+            sample = decode(raw, tokenizer, cfg)
         except BadSample as e:
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
             continue
-        if pixels is None:
+        if sample.pixels is None:
             continue                                   # text-only samples have nothing to read
-        meta = json.loads(raw["json"])
         image = next(raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw)
-        samples.append({"key": raw["__key__"], "prompt": meta["prompt"], "expected": meta["response"],
-                        "ids": ids, "mask": mask, "pixels": pixels, "image": image})
+        samples.append({"key": raw["__key__"], "prompt": sample.prompt, "expected": sample.response,
+                        "ids": sample.ids, "mask": sample.mask, "pixels": sample.pixels, "image": image})
     return samples, skipped
 
 

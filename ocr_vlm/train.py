@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
-from deepspeed.utils import safe_get_full_grad
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+from deepspeed.utils import safe_get_full_grad
 
 from ocr_vlm import config, flops, recipe, weights
 from ocr_vlm.config import ConfigError, TrainConfig

@@ -172,3 +172,12 @@ def test_corrupt_samples_are_skipped_and_counted_by_reason(tmp_path):
     assert {k: v for k, v in counts.items() if k.startswith("skipped/")} == {
         "skipped/bad_image": 2, "skipped/image_too_large": 1, "skipped/bad_fields": 2, "skipped/bad_text": 1,
         "skipped/missing_image": 1, "skipped/truncated_tar": 2, "skipped/too_long": 1}
+
+
+def test_answer_is_read_as_response_by_writer_and_loader_alike(tmp_path):
+    """One schema: a foreign shard whose JSON says `answer` trains the same as one the writer normalised."""
+    foreign = Record("a0", {"prompt": "<image>\nFree OCR.", "answer": "TOTAL 7.07"}, png(), "png")
+    write_shards([foreign], tmp_path / "foreign")
+    cfg = DataConfig(shards=str(tmp_path / "foreign"), seq_len=200, batch_rows=1, num_workers=0, shuffle_buffer=0)
+    (batch,) = Loader(cfg, VLM, TINY_TOKENIZER, finite=True)
+    assert responses_in(batch) == ["TOTAL 7.07"] and batch["reading_targets"].tolist() == list(b"TOTAL7.07")

@@ -13,12 +13,13 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ocr_vlm.config import DataConfig, VLMConfig
+from ocr_vlm.data.shards import with_response
 from ocr_vlm.data.stream import SampleStream, ShardSet, Skipped
 from ocr_vlm.image import ImageError, load_pixels
 from ocr_vlm.model.gpt import IGNORE_INDEX
@@ -44,8 +45,16 @@ class BadSample(ValueError):
         self.reason = reason
 
 
-def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int], list[int], torch.Tensor | None, list[int]]:
-    """A raw webdataset sample -> (ids, mask, pixels, reading target). Raises BadSample naming what is wrong."""
+class Decoded(NamedTuple):
+    ids: list[int]
+    mask: list[int]                   # 1 where the next token is supervised
+    pixels: torch.Tensor | None       # (3, S, S) uint8; None for a text-only sample
+    prompt: str                       # vision samples: the prompt and the expected response ("" for text samples)
+    response: str
+
+
+def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Decoded:
+    """A raw webdataset sample -> token ids, loss mask, pixels and texts. Raises BadSample naming what is wrong."""
     if "json" not in sample:
         raise BadSample("missing_json", "no .json member")
     try:
@@ -56,6 +65,7 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int
         raise BadSample("bad_json", f"json does not parse ({e})") from None
     if not isinstance(meta, dict):
         raise BadSample("bad_json", "json is not an object")
+    meta = with_response(meta)
     image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if image_key is None:
         if "prompt" in meta or "response" in meta:
@@ -66,7 +76,7 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int
             ids, mask = tokenizer.render_conversation(meta["messages"])
         except ValueError as e:
             raise BadSample("bad_fields", str(e)) from None
-        return ids, mask, None, []
+        return Decoded(ids, mask, None, "", "")
     for name in ("prompt", "response"):
         if not isinstance(meta.get(name), str):
             raise BadSample("bad_fields", f"field '{name}' missing or not a string")
@@ -75,7 +85,7 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> tuple[list[int
     except ImageError as e:
         raise BadSample(e.reason, str(e)) from None
     ids, mask = tokenizer.render_sample(meta["prompt"], meta["response"], vlm.image_tokens)
-    return ids, mask, pixels, reading_targets(meta["response"])
+    return Decoded(ids, mask, pixels, meta["prompt"], meta["response"])
 
 
 class PackedBatches(IterableDataset):
@@ -118,7 +128,7 @@ class PackedBatches(IterableDataset):
                 continue
             where = f"{item.get('__url__')}:{item.get('__key__')}"
             try:
-                ids, mask, pixels, reading = decode(item, tokenizer, self.vlm)
+                ids, mask, pixels, _, response = decode(item, tokenizer, self.vlm)
             except BadSample as e:
                 log.warning("skipping sample %s: %s", where, e)
                 yield (e.reason, where, 1)
@@ -127,7 +137,7 @@ class PackedBatches(IterableDataset):
                 yield ("too_long", where, 1)
                 continue
             targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
-            yield Example(ids[:-1], targets, pixels, reading, before)
+            yield Example(ids[:-1], targets, pixels, reading_targets(response) if pixels is not None else [], before)
 
     def _pack(self, examples, tokenizer: Tokenizer, logical: int) -> Iterator[dict]:
         rows: list[list[Example]] = [[]]

@@ -87,13 +87,20 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                 yield f"{path}:{number}", BadRecord("bad_json", f"{path}:{number}: not valid JSON ({e.msg})")
 
 
+def with_response(fields: dict) -> dict:
+    """The fields with `answer` (the prototype's and many manifests' name) renamed to `response`: one schema,
+    accepted the same by the writer and the loader."""
+    if "response" not in fields and "answer" in fields:
+        fields = dict(fields)
+        fields["response"] = fields.pop("answer")
+    return fields
+
+
 def vision_record(where: str, item: object, images_root: Path) -> Record:
     """A manifest line {id, image, prompt, answer|response, ...free metadata} -> Record (image bytes copied as is)."""
     if not isinstance(item, dict):
         raise BadRecord("bad_json", f"{where}: expected a JSON object")
-    fields = dict(item)
-    if "response" not in fields and "answer" in fields:      # the prototype's manifests say "answer"
-        fields["response"] = fields.pop("answer")
+    fields = dict(with_response(item))
     for name in ("id", "image", "prompt", "response"):
         if not isinstance(fields.get(name), str) or not fields[name]:
             raise BadRecord("bad_fields", f"{where}: field '{name}' missing or not a non-empty string")
