@@ -15,7 +15,9 @@ import argparse
 import json
 import math
 import re
+import shutil
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,20 +179,32 @@ def write_shards(items: Iterable[Record], out_dir: str | Path, prefix: str = "sh
     """Write records into `out_dir/prefix-000000.tar, ...` plus index.json; returns the index.
 
     A shard holds at most `max_count` samples and `max_bytes` bytes on disk (a single larger sample gets a shard of
-    its own). The directory ends up holding exactly the indexed shards: earlier `prefix-*.tar` files are replaced."""
+    its own). The set is written into a sibling directory and swapped in only once complete: a run that fails
+    midway (a bad record, a full disk) leaves the previous set in `out_dir` untouched, never a mixture."""
     if max_count < 1 or max_bytes <= 0:
         raise ValueError(f"max_count ({max_count}) and max_bytes ({max_bytes}) must be positive")
     if not KEY_PATTERN.fullmatch(prefix):
         raise ValueError(f"prefix {prefix!r} must be {KEY_RULE}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ours = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
     foreign = sorted(p.name for p in out_dir.glob("*.tar") if not ours.fullmatch(p.name))
     if foreign:
         listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(f"{out_dir} already holds other shards ({listed}); give each shard set its own directory, "
                          "since index.json describes the whole directory")
-    (out_dir / "index.json").unlink(missing_ok=True)     # a run that fails midway must not leave a stale index
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
+    try:
+        index = _write_set(items, staging, prefix, max_count, max_bytes, skipped)
+        _swap_in(staging, out_dir, ours)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return index
+
+
+def _write_set(items: Iterable[Record], out_dir: Path, prefix: str, max_count: int, max_bytes: float,
+               skipped: Counter | None) -> dict:
     counts: dict[str, int] = {}
     kinds = Counter()
     # mtime fixed and members in key order: the same input gives byte-identical tars.
@@ -208,13 +222,27 @@ def write_shards(items: Iterable[Record], out_dir: str | Path, prefix: str = "sh
             name = Path(sink.fname).name
             counts[name] = counts.get(name, 0) + 1
             kinds["vision" if record.image is not None else "text"] += 1
-    for stale in out_dir.glob(f"{prefix}-*.tar"):      # older, longer runs; or the empty tar of a run with no samples
-        if ours.fullmatch(stale.name) and stale.name not in counts:
-            stale.unlink()
+    for empty in out_dir.glob("*.tar"):                  # the empty tar of a run with no samples
+        if empty.name not in counts:
+            empty.unlink()
     index = {"shards": counts, "total": sum(counts.values()), "vision": kinds["vision"], "text": kinds["text"],
              "skipped": dict(sorted((skipped or Counter()).items()))}
     (out_dir / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     return index
+
+
+def _swap_in(staging: Path, out_dir: Path, ours: re.Pattern) -> None:
+    """Replace the shard set in `out_dir` by the complete one in `staging`; other files in `out_dir` stay."""
+    if out_dir.exists():
+        for other in out_dir.iterdir():
+            if other.name != "index.json" and not ours.fullmatch(other.name):
+                other.rename(staging / other.name)
+        old = out_dir.with_name(staging.name.replace(".writing-", ".replaced-"))
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out_dir)
 
 
 def index_existing(directory: str | Path) -> dict:
