@@ -21,7 +21,7 @@ class Tracker:
             return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # A resumed run appends: the JSONL then holds every step of the logical run once.
+        # A resumed run appends (after `resume_at` drops what the crashed run logged past its checkpoint).
         self.metrics = open(self.run_dir / "metrics.jsonl", "a" if resume else "w", buffering=1)
         if use_wandb:
             import wandb
@@ -33,6 +33,20 @@ class Tracker:
             run_id_file.write_text(run_id)
             self.wandb = wandb.init(project=project, name=run_name or self.run_dir.name, id=run_id,
                                     resume="allow", dir=str(self.run_dir), config=config)
+
+    def resume_at(self, step: int) -> None:
+        """Drop the rows logged after `step`, the checkpoint a run resumes from: a run that crashed after it logged
+        those steps again, and the file must hold every step of the logical run exactly once. (W&B, resumed under
+        the same run id, ignores steps it already has.)"""
+        if not self.enabled:
+            return
+        path = Path(self.metrics.name)
+        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        self.metrics.close()
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+        self.metrics = open(path, "a", buffering=1)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -354,6 +354,7 @@ class Trainer:
             # A different world size re-partitions the data: continue with the next epoch of every stream.
             self.loader.start_after(ranks)
             self._print(f"resume: world size {len(ranks)} -> {self.world}; data restarts at the next epoch")
+        self.tracker.resume_at(self.step)
         self._print(f"resumed from {path} at step {self.step}")
 
     def _check_frozen(self) -> None:
