@@ -19,6 +19,8 @@ BLIND_GAP = 0.05
 def mismatched(pixels: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
     """Another sample's image for every image: the next one in the batch, and for the last the previous batch's
     first (the batch's own first when there is no previous batch and it has more than one image)."""
+    if not len(pixels):
+        return pixels
     spare = previous if previous is not None and len(previous) else pixels
     return torch.cat([pixels[1:], spare[:1]])
 

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
 import torch
@@ -116,23 +116,33 @@ class PackedBatches(IterableDataset):
         iters = {name: iter(s) for name, s in streams.items()}
         positions = {"vision": tuple(state["vision"]), "text": tuple(state["text"])}
         mixed = state["mixed"]
+        passes = {name: Pass(*position) for name, position in positions.items()}
+        warned: set[str] = set()
         while True:
             source = "text" if "text" in iters and _draw(d.seed, slot, mixed) < d.text_ratio else "vision"
             before = {"mixed": mixed, **positions}
             item, (epoch, k) = next(iters[source])
             if self.finite and epoch > 0:
                 return
+            if epoch != passes[source].epoch:
+                passes[source].check(f"{source} shards {streams[source].shards.urls}", slot, slots)
+                passes[source] = Pass(epoch, k)
             positions[source], mixed = (epoch, k + 1), mixed + 1
             if isinstance(item, Skipped):
+                passes[source].skipped[item.reason] += item.count
                 yield (item.reason, item.where, item.count)
                 continue
             where = f"{item.get('__url__')}:{item.get('__key__')}"
             try:
                 ids, mask, pixels, _, response = decode(item, tokenizer, self.vlm)
             except BadSample as e:
-                log.warning("skipping sample %s: %s", where, e)
+                if where not in warned:                # once per run, not once per pass over the data
+                    warned.add(where)
+                    log.warning("skipping sample %s: %s", where, e)
+                passes[source].skipped[e.reason] += 1
                 yield (e.reason, where, 1)
                 continue
+            passes[source].readable += 1
             if len(ids) - 1 > d.seq_len:
                 yield ("too_long", where, 1)
                 continue
@@ -154,7 +164,7 @@ class PackedBatches(IterableDataset):
                 else:
                     rows.append([])
             rows[-1].append(ex)
-        if self.finite and rows[0]:
+        if self.finite and (rows[0] or counters):      # the last skip counts travel even without a sample
             yield self._collate(rows, counters, tokenizer, None, logical)
 
     def _collate(self, rows, counters: Counter, tokenizer: Tokenizer, state, logical: int) -> dict:
@@ -189,6 +199,24 @@ class PackedBatches(IterableDataset):
         batch["counters"] = dict(counters)
         batch["state"] = {"worker": logical, "stream": state}
         return batch
+
+
+class UnreadableData(RuntimeError):
+    """A slot read its whole share of the data without finding one usable sample: waiting would be forever."""
+
+
+@dataclass
+class Pass:
+    """One slot's progress through one epoch of a stream: a full pass with nothing readable is an error."""
+    epoch: int
+    start: int                        # position the pass began at (0 unless resumed mid-epoch)
+    readable: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def check(self, what: str, slot: int, slots: int) -> None:
+        if self.start == 0 and self.readable == 0:
+            raise UnreadableData(f"slot {slot} of {slots} (rank x worker) read its whole share of epoch {self.epoch} of "
+                                 f"{what} and found no usable sample; skipped by reason: {dict(self.skipped)}")
 
 
 def _draw(seed: int, slot: int, k: int) -> float:
