@@ -1,5 +1,9 @@
 """Image processing as DeepSeek-OCR does it: decode, EXIF transpose, RGB, pad (or stretch) to a square, normalise.
 
+The resize is DeepSeek-OCR's PIL bicubic (`ImageOps.pad`, `Image.resize`); `fit_square` keeps that path as the
+definition. `load_pixels` runs the same filter through torch's antialiased uint8 kernel (`fit_square_pixels`), 3x
+faster than PIL's on one core; it differs by rounding only, at most 2 levels on a few values in ten thousand.
+
 Every failure a user's file can cause — truncated bytes, an unknown format, a decompression bomb — surfaces as
 `ImageError` with a message saying what is wrong, never as an exception from deep inside PIL.
 """
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 PAD_COLOR = (127, 127, 127)   # int(0.5 * 255): the normalisation mean, so padding is ~0 after normalising
@@ -35,7 +40,7 @@ def load_image(source: bytes | str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)   # without in_place an unrotated page is copied
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{what}: larger than Pillow's pixel limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}",
                          reason="image_too_large") from None
@@ -58,16 +63,61 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")   # convert() would copy an RGB image
 
 
 def fit_square(image: Image.Image, size: int, resize: str) -> Image.Image:
-    """`pad`: scale to fit, keep the aspect, centre on grey (Base/Large); `resize`: stretch (Tiny/Small)."""
+    """The reference: `pad` scales to fit, keeps the aspect, centres on grey (Base/Large); `resize` stretches
+    (Tiny/Small). Both are PIL's bicubic, as DeepSeek-OCR preprocesses."""
     if resize == "pad":
         return ImageOps.pad(image, (size, size), color=PAD_COLOR)
     if resize == "resize":
         return image.resize((size, size), Image.Resampling.BICUBIC)
-    raise ValueError(f"image_resize: {resize!r} is not 'pad' or 'resize'")
+    raise unknown_resize(resize)
+
+
+def unknown_resize(resize: str) -> ValueError:
+    return ValueError(f"image_resize: {resize!r} is not 'pad' or 'resize'")
+
+
+def fit_square_pixels(pixels: torch.Tensor, size: int, resize: str) -> torch.Tensor:
+    """`fit_square` on (3, H, W) uint8 pixels, computed by torch: the same modes, sizes and placement."""
+    if resize == "pad":
+        width, height = contained_size(pixels.shape[2], pixels.shape[1], size)
+        # Planar like bicubic()'s output, so pasting copies whole rows (into (H, W, 3) it would transpose, ~3 ms).
+        canvas = torch.tensor(PAD_COLOR, dtype=torch.uint8)[:, None, None].expand(3, size, size).contiguous()
+        if width and height:                  # ImageOps.pad leaves a page thinner than half a pixel out; so do we
+            top, left = round((size - height) / 2), round((size - width) / 2)   # ImageOps.pad's centring
+            canvas[:, top:top + height, left:left + width] = bicubic(pixels, height, width)
+        return canvas
+    if resize == "resize":
+        return bicubic(pixels, size, size)
+    raise unknown_resize(resize)
+
+
+def contained_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The (width, height) ImageOps.contain scales to inside a size x size square, rounded as it rounds."""
+    if width > height:
+        return size, round(height / width * size)
+    if width < height:
+        return round(width / height * size), size
+    return size, size
+
+
+def bicubic(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """PIL's bicubic resize of (3, H, W) uint8 pixels: torch's antialiased bicubic is the same filter (Keys, a = -0.5,
+    widened by the scale when shrinking), so results differ only by rounding (tests/test_image.py pins how much).
+    Its fast uint8 kernel reads channels-last memory (what `pixels_view` gives) ~25% faster than planar; it returns
+    planar."""
+    return F.interpolate(pixels[None], size=(height, width), mode="bicubic", antialias=True)[0]
+
+
+def pixels_view(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8 over a read-only export of the image, a view of (H, W, 3) memory, to be read, not kept: it
+    skips the writable copy `to_pixels` makes (4 MB for a 1400 px page, 5-10% of the fast path's time)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
@@ -80,10 +130,14 @@ def normalize(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return (pixels.to(dtype) / 255.0 - MEAN) / STD
 
 
-def load_pixels(source: bytes | str | Path | Image.Image, size: int, resize: str = "pad") -> torch.Tensor:
-    """Decode (if needed) and fit one image: the (3, size, size) uint8 tensor a batch carries."""
+def load_pixels(source: bytes | str | Path | Image.Image, size: int, resize: str = "pad",
+                reference: bool = False) -> torch.Tensor:
+    """Decode (if needed) and fit one image: the (3, size, size) uint8 tensor a batch carries. `reference` resizes
+    with PIL (`fit_square`), the definition the fast default is tested against."""
     image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
-    return to_pixels(fit_square(image, size, resize))
+    if reference:
+        return to_pixels(fit_square(image, size, resize))
+    return fit_square_pixels(pixels_view(image), size, resize)   # a new tensor: the view does not escape
 
 
 def process_image(source: bytes | str | Path | Image.Image, size: int, resize: str = "pad") -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Image processing: every PIL mode a user's page may have, EXIF orientation, padding, and clear errors."""
+"""Image processing: every PIL mode a user's page may have, EXIF orientation, padding, clear errors, and the fast
+resize's tolerance against DeepSeek-OCR's PIL preprocessing."""
 
 import io
+import random
 
 import numpy as np
 import pytest
@@ -8,7 +10,8 @@ import torch
 from PIL import Image
 
 from ocr_vlm import config
-from ocr_vlm.image import PAD_COLOR, ImageError, load_image, process_image
+from ocr_vlm.data import render
+from ocr_vlm.image import PAD_COLOR, ImageError, load_image, load_pixels, process_image
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -25,6 +28,33 @@ def test_output_range_and_padding_keep_aspect():
     grey = (PAD_COLOR[0] / 255 - 0.5) / 0.5
     assert pixels[:, 2, 32].allclose(torch.full((3,), grey))     # grey bands above and below
     assert abs(grey) < 0.005
+
+
+def scanned_pages(n: int, side: int) -> list[Image.Image]:
+    """Rendered pages (text, charts, signs) scaled to a scan's long side, as bench/image_preprocessing.py makes them."""
+    rng = random.Random(0)
+    pages = [render.random_page(rng).image for _ in range(n)]
+    return [page.resize((round(page.width * side / max(page.size)), round(page.height * side / max(page.size))))
+            for page in pages]
+
+
+@pytest.mark.parametrize("side, size, resize", [(1400, 1024, "pad"), (700, 1024, "pad"), (1400, 640, "resize")])
+def test_fast_resize_is_within_tolerance_of_pil(side, size, resize):
+    """The tolerance of load_pixels against the reference (PIL's bicubic: ImageOps.pad, Image.resize), shrinking and
+    enlarging. Measured on 150 pages: mean |d| <= 0.0006 levels, <= 0.06% of values differ, by 1 and rarely 2."""
+    delta = torch.cat([(load_pixels(page, size, resize).int() - load_pixels(page, size, resize, reference=True).int())
+                       .abs().flatten() for page in scanned_pages(3, side)])
+    assert delta.float().mean() <= 0.01
+    assert (delta > 0).float().mean() <= 0.005
+    assert delta.max() <= 2
+
+
+@pytest.mark.parametrize("page_size", [(221, 100), (100, 221), (30, 50), (64, 64), (4000, 1)])
+def test_fast_pad_places_the_page_as_image_ops_pad(page_size):
+    """A flat page resizes exactly, so size rounding and centring must match bit for bit: odd margins (18 above, 17
+    below: round half to even), enlarging, no margin, and a page thinner than half a pixel (ImageOps.pad drops it)."""
+    page = Image.new("RGB", page_size, (10, 200, 30))
+    assert torch.equal(load_pixels(page, 64), load_pixels(page, 64, reference=True))
 
 
 def test_resize_mode_stretches():
