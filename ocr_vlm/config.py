@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -223,6 +224,7 @@ class TrainConfig:
         _check(self.stage in (1, 2), "stage", f"{self.stage} is not 1 or 2")
         _check(self.schedule in ("cosine", "step", "constant"), "schedule", f"{self.schedule!r} is not cosine|step|constant")
         _check(self.steps > 0, "steps", "must be positive")
+        _check(math.isfinite(self.lr) and self.lr > 0, "lr", f"{self.lr} is not a positive finite number")
         _check(self.global_batch % self.micro_batch == 0, "global_batch",
                f"{self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
         components = ("sam", "clip", "projector", "gpt")

@@ -33,6 +33,7 @@ from deepspeed.utils import safe_get_full_grad
 from ocr_vlm import config, flops, recipe, weights
 from ocr_vlm.config import ConfigError, TrainConfig
 from ocr_vlm.data.loader import Loader
+from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.diagnostics import VisionShare, mismatched, verdict
 from ocr_vlm.evaluate import cer, load_samples, read_back
 from ocr_vlm.image import normalize
@@ -56,13 +57,35 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = recipe.build_config(overrides)
+        check_inputs(cfg, args.ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
-        parser.error(str(e))
+        if os.environ.get("RANK", "0") == "0":        # every rank finds the same fault; one line says it
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     _init_distributed()
     # On an exception this rank exits non-zero and the launcher stops the others; waiting for them here would hang.
     Trainer(cfg, args.ds_config).run()
     dist.barrier()
     dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
+
+
+def check_inputs(cfg: TrainConfig, ds_config: str, world: int) -> None:
+    """What the run will read must exist and fit together, checked before any rank builds a model."""
+    if not Path(ds_config).is_file():
+        raise ConfigError(f"--ds_config: {ds_config} does not exist")
+    if cfg.global_batch % (cfg.micro_batch * world):
+        raise ConfigError(f"global_batch: {cfg.global_batch} rows is not a multiple of micro_batch "
+                          f"{cfg.micro_batch} x {world} ranks")
+    for name, spec in (("data.shards", cfg.data.shards), ("data.text_shards", cfg.data.text_shards),
+                       ("eval_shards", cfg.eval_shards)):
+        if spec:
+            try:
+                ShardSet.from_spec(spec)
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
+    if cfg.resume not in ("", "auto") and not (Path(cfg.resume) / "mp_rank_00_model_states.pt").is_file() \
+            and not (Path(cfg.resume) / "zero").is_dir():
+        raise ConfigError(f"resume: {cfg.resume} is not a checkpoint directory (no mp_rank_00_model_states.pt)")
 
 
 def _init_distributed() -> None:
@@ -388,9 +411,6 @@ def engine_config(path: str, cfg: TrainConfig, world: int, on_gpu: bool) -> dict
             raise ConfigError(f"{path}: remove '{owned}': the recipe owns it (--lr, --schedule, ...)")
     if "gradient_clipping" not in ds:
         raise ConfigError(f"{path}: set 'gradient_clipping' explicitly (DeepSpeed's default changed in 0.19.3)")
-    if cfg.global_batch % (cfg.micro_batch * world):
-        raise ConfigError(f"global_batch: {cfg.global_batch} rows is not a multiple of micro_batch "
-                          f"{cfg.micro_batch} x {world} ranks")
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
     ds["gradient_accumulation_steps"] = cfg.global_batch // (cfg.micro_batch * world)
     ds["train_batch_size"] = cfg.global_batch

@@ -47,7 +47,14 @@ class ShardSet:
         paths = []
         for part in spec.split("::"):
             part_path = Path(part)
-            paths += sorted(part_path.glob("*.tar")) if part_path.is_dir() else [Path(p) for p in braceexpand(part)]
+            if part_path.is_dir():
+                paths += sorted(part_path.glob("*.tar"))
+                continue
+            expanded = [Path(p) for p in braceexpand(part)]
+            missing = [p for p in expanded if not p.exists()]
+            if missing:
+                raise ValueError(f"shards: {missing[0]} does not exist")
+            paths += expanded
         if not paths:
             raise ValueError(f"shards: {spec!r} names no .tar files")
         indexes: dict[Path, dict] = {}
