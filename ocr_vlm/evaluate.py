@@ -59,7 +59,8 @@ def load_samples(shards: str, tokenizer: Tokenizer, cfg, limit: int | None = Non
     """The vision samples of `shards` in order (at most `limit`), each with its prompt, expected text, token ids,
     loss mask, pixels and image bytes; and the count of unreadable samples by reason."""
     samples, skipped = [], {}
-    for raw in wds.WebDataset(ShardSet.from_spec(shards).urls, shardshuffle=False, empty_check=False):
+    # Every rank reads every sample here (a trainer splits the list itself), so no node splitting.
+    for raw in wds.WebDataset(ShardSet.from_spec(shards).urls, shardshuffle=False, empty_check=False, nodesplitter=None):
         if limit is not None and len(samples) >= limit:
             break
         try:

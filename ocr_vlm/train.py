@@ -182,7 +182,7 @@ class Trainer:
                     continue
                 bad_in_a_row = 0
                 self.engine.backward(loss)
-                if len(losses) == self.gas - 1 and self._logs(self.step + 1):
+                if len(losses) == self.gas - 1 and self._logs(self.step + 1) and self.zero_stage < 3:
                     grad_norms = self._component_grad_norms()    # the step's gradient exists only until it is taken
                 self.engine.step()
                 losses.append(torch.stack([lm.detach(), (reading if reading is not None else lm * 0).detach()]))
@@ -216,7 +216,8 @@ class Trainer:
 
     def _component_grad_norms(self) -> dict:
         """Each trainable component's gradient norm: a tower whose gradient stays near zero is not learning.
-        Every rank calls this (ZeRO assembles partitioned gradients collectively)."""
+        Every rank calls this (ZeRO-1/2 assemble partitioned gradients collectively). Not under ZeRO-3, whose
+        gradient reduction may still be in flight here: gathering then mismatches the ranks' collectives."""
         norms = {}
         for name in COMPONENTS:
             grads = [safe_get_full_grad(p) for p in self.model.component_parameters(name) if p.requires_grad]

@@ -77,9 +77,10 @@ def test_eval_on_val_shards_every_n_steps(zero2):
 def test_reading_head_and_tower_gradients_are_logged(tmp_path):
     out = deepspeed(tmp_path, "--steps=2", "--model.reading_head=2,4", "--reading_weight=0.1")
     steps = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-    for m in steps:
-        assert m["reading_loss"] > 0
-        assert all(m[f"grad_norm/{name}"] > 0 for name in ("sam", "clip", "projector", "gpt"))
+    assert all(m["reading_loss"] > 0 for m in steps)
+    # step 1's towers get no gradient (nanochat's zero-initialised output layers and the head's zero weights
+    # pass none back); after one update every component has one
+    assert all(steps[-1][f"grad_norm/{name}"] > 0 for name in ("sam", "clip", "projector", "gpt"))
     assert "reading " in out and "(sam " in out
     model, cfg = load_exported(tmp_path / "export")     # the head travels with the export, strictly loaded
     assert cfg.reading_head == (2, 4) and model.reading_head is not None

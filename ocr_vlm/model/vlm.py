@@ -81,12 +81,6 @@ class VLM(nn.Module):
                              f"({self.cfg.image_tokens} each) but input_ids holds {found}")
         if n_images:
             x = x.masked_scatter(slots.unsqueeze(-1), self.layout(vision).to(x.dtype))
-        elif self.training:
-            # A text-only batch still runs the towers, on a blank image weighted by zero: under ZeRO-3 every rank
-            # gathers the towers' parameters collectively each step, and every trainable parameter gets a gradient.
-            tokens = self.vision_tokens(x.new_zeros(1, 3, self.cfg.image_size, self.cfg.image_size))
-            unused = self.layout(tokens).sum() + (self.reading_head(tokens).sum() if self.reading_head else 0.0)
-            x = x + 0.0 * unused
         return x
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
@@ -95,15 +89,29 @@ class VLM(nn.Module):
         """Mean cross-entropy over supervised targets (never full fp32 logits), or logits when no targets.
 
         With `reading` = (the images' `reading_targets` concatenated, their lengths) it returns the pair
-        (cross-entropy, reading head's CTC loss); weighing the two is the trainer's business."""
-        vision = self.vision_tokens(pixel_values) if pixel_values is not None and len(pixel_values) else None
-        h = self.gpt.hidden(self.embed(input_ids, vision), position_ids=position_ids, doc_ids=doc_ids)
+        (cross-entropy, reading head's CTC loss); weighing the two is the trainer's business.
+
+        A text-only batch in training still runs the towers (and the reading head), on a blank image weighted by
+        zero, at the same points as a batch with images: under ZeRO-3 every rank gathers the same parameters in the
+        same order every step, and every trainable parameter gets a gradient."""
+        images = pixel_values is not None and len(pixel_values) > 0
+        blank = not images and self.training
+        if images or blank:
+            side, dtype = self.cfg.image_size, self.projector.layers.weight.dtype
+            vision = self.vision_tokens(pixel_values if images else
+                                        torch.zeros(1, 3, side, side, dtype=dtype, device=input_ids.device))
+        x = self.embed(input_ids, vision if images else None)
+        if blank:
+            x = x + 0.0 * self.layout(vision).sum()
+        h = self.gpt.hidden(x, position_ids=position_ids, doc_ids=doc_ids)
         if targets is None:
             return self.gpt.logits(h)
         loss = chunked_cross_entropy(h, self.gpt.lm_head.weight, targets, self.cfg.gpt.logit_softcap)
         if reading is None:
             return loss
-        return loss, (self.reading_head.loss(vision, *reading) if vision is not None else loss * 0.0)
+        if images:
+            return loss, self.reading_head.loss(vision, *reading)
+        return loss, (0.0 * self.reading_head(vision).sum() if blank else loss * 0.0)
 
     def component_parameters(self, component: str) -> list[nn.Parameter]:
         params = []
