@@ -41,7 +41,7 @@ demo: setup
 READ_SET   ?= line
 READ_PAGES ?= 30000
 READ_ARGS  := --output_dir=runs/read --data.shards=runs/read/data/train --eval_shards=runs/read/data/heldout \
-	--steps=3000 --global_batch=2 --micro_batch=1 --data.seq_len=1024 --data.num_workers=1 --data.shuffle_buffer=500 \
+	--steps=1500 --global_batch=2 --micro_batch=1 --data.seq_len=1024 --data.num_workers=1 --data.shuffle_buffer=500 \
 	--lr=3e-4 --warmup_steps=30 --schedule=constant --checkpointing= --model.reading_head=2,4 --reading_weight=1 \
 	--eval_every=250 --eval_read=100 --log_every=25
 read: setup
