@@ -169,7 +169,7 @@ def curves(metrics_jsonl: Path, out_dir: Path) -> list[str]:
             x = [r[key] / scale for r in reads]
             ax.plot(x, [r["val_cer"] for r in reads], "o-", label="held-out CER")
             ax.plot(x, [min(r["image_gap"], 1.0) for r in reads], "s--", label="image gap (nats/token, ≤1 shown)")
-            ax.set(xlabel=label, ylim=(0, 1.05))
+            ax.set(xlabel=label, ylim=(0, max(1.05, *(r["val_cer"] * 1.05 for r in reads))))   # CER can pass 1
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("CER")
         axes[0].legend()
