@@ -113,6 +113,8 @@ class Trainer:
         self.resume_path = self._resume_dir()
         self.ds_config = engine_config(ds_config_path, cfg, self.world, self.on_gpu)
         self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
+        if cfg.eval_read and self.zero_stage == 3:    # said before training, not at the first evaluation
+            raise ConfigError("eval_read: generation needs whole parameters on every rank (ZeRO-0/1/2)")
         if self.resume_path is not None and (self.resume_path / "zero").is_dir():
             # ds_to_universal's output: parameters stored whole, so any world size can load them.
             self.ds_config["checkpoint"] = {"load_universal": True}
@@ -205,7 +207,7 @@ class Trainer:
         tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         pixels = tensors["pixel_values"] if pixels is None else pixels.to(self.device)
         out = self.engine(tensors["input_ids"], targets=tensors["targets"],
-                          pixel_values=normalize(pixels, torch.bfloat16 if self._bf16 else torch.float32),
+                          pixel_values=normalize(pixels, self._pixel_dtype),
                           position_ids=tensors["position_ids"], doc_ids=tensors["doc_ids"],
                           reading=(tensors["reading_targets"], tensors["reading_lengths"]) if reading else None)
         return out if reading else (out, None)
@@ -228,6 +230,10 @@ class Trainer:
     @property
     def _bf16(self) -> bool:
         return bool(self.ds_config.get("bf16", {}).get("enabled"))
+
+    @property
+    def _pixel_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self._bf16 else torch.float32
 
     def _log(self, losses: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
              dt: float) -> None:
@@ -292,7 +298,7 @@ class Trainer:
             own, _ = self._forward(batch)
             other, _ = self._forward(batch, pixels=mismatched(batch["pixel_values"], previous))
             total += torch.tensor([own.float().item() * n, other.float().item() * n, n], dtype=torch.float64)
-            pixels = normalize(batch["pixel_values"].to(self.device), torch.bfloat16 if self._bf16 else torch.float32)
+            pixels = normalize(batch["pixel_values"].to(self.device), self._pixel_dtype)
             if weight and len(pixels):
                 share.add(self.engine.module.vision_tokens(pixels))
             elif len(pixels):
@@ -317,8 +323,6 @@ class Trainer:
 
     def _read_back(self) -> float:
         """Mean CER of greedy generation on the first `eval_read` val pages, split over the ranks."""
-        if self.zero_stage == 3:
-            raise ConfigError("eval_read: generation needs whole parameters on every rank (ZeRO-0/1/2)")
         if self.read_samples is None:
             tokenizer = Tokenizer.load(self.tokenizer_path)
             samples, _ = load_samples(self.cfg.eval_shards, tokenizer, self.cfg.model, self.cfg.eval_read)
