@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage 1 of nano-DeepSeek-OCR (d20) on 8x A100-80G nodes: everything trains, seq_len 4096, vision data only.
-#   DATA=/data/ocr HOSTFILE=launch/hostfile bash launch/stage1.sh          (or NODES=1 for one node)
+#   DATA=/data/ocr HOSTFILE=launch/hostfile bash launch/stage1.sh [--key=value ...]   (NODES=1 for one node)
+# Arguments given here come after the recipe's and so override it: --steps=100 --output_dir=runs/try.
 # Pretrained starting points (converted once, see README): DeepSeek-OCR's encoder and a nanochat d20 base model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +17,5 @@ ARGS=(
     --micro_batch=4 --global_batch=512 --steps=20000 --lr=5e-5 --warmup_steps=500
     --save_every=1000 --eval_every=1000 --output_dir=runs/d20-stage1 --resume=auto --wandb=true
 )
-if [ "${NODES:-0}" = 1 ]; then exec bash launch/single_node.sh "$RANKS_PER_NODE" "${ARGS[@]}"; fi
-exec bash launch/multi_node.sh "${ARGS[@]}"
+if [ "${NODES:-0}" = 1 ]; then exec bash launch/single_node.sh "$RANKS_PER_NODE" "${ARGS[@]}" "$@"; fi
+exec bash launch/multi_node.sh "${ARGS[@]}" "$@"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Stage 2 (d20) on 8x A100-80G nodes: SAM + compressor frozen, seq_len 8192, 10% text-only conversations.
+# Arguments given to this script come after the recipe's and so override it, as in stage1.sh.
 # Starts from stage 1's export; DeepSeek restarted the language model from its base weights here, which
 # `nanochat=...` after `ocr_vlm=...` does (later --init items overwrite earlier ones).
 set -euo pipefail
@@ -17,5 +18,5 @@ ARGS=(
     --micro_batch=2 --global_batch=640 --steps=20000 --lr=3e-5 --warmup_steps=100
     --save_every=1000 --eval_every=1000 --output_dir=runs/d20-stage2 --resume=auto --wandb=true
 )
-if [ "${NODES:-0}" = 1 ]; then exec bash launch/single_node.sh "$RANKS_PER_NODE" "${ARGS[@]}"; fi
-exec bash launch/multi_node.sh "${ARGS[@]}"
+if [ "${NODES:-0}" = 1 ]; then exec bash launch/single_node.sh "$RANKS_PER_NODE" "${ARGS[@]}" "$@"; fi
+exec bash launch/multi_node.sh "${ARGS[@]}" "$@"
