@@ -169,6 +169,7 @@ class DataConfig:
     text_ratio: float = 0.0       # fraction of samples drawn from text_shards (stage 2: 0.1)
     seq_len: int = 4096           # tokens per packed row (images count as their embeddings)
     batch_rows: int = 1           # packed rows per micro-batch: DeepSpeed's train_micro_batch_size_per_gpu
+    max_images: int = 0           # images per micro-batch at most (0: no cap): they all go through the towers at once
     num_workers: int = 2          # DataLoader worker processes per rank
     shuffle_buffer: int = 1000    # raw samples held for shuffling in each worker
     seed: int = 0
@@ -179,6 +180,7 @@ class DataConfig:
                f"required when data.text_ratio={self.text_ratio} > 0")
         _check(self.seq_len > 0 and self.batch_rows > 0, "data.seq_len", "seq_len and batch_rows must be positive")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.max_images >= 0, "data.max_images", f"{self.max_images} is not >= 0 (0: no cap)")
         return self
 
 

@@ -157,12 +157,15 @@ class PackedBatches(IterableDataset):
                 reason, _, count = ex
                 counters[f"skipped/{reason}"] += count
                 continue
-            if sum(len(e.inputs) for e in rows[-1]) + len(ex.inputs) > self.data.seq_len:
-                if len(rows) == self.data.batch_rows:
-                    yield self._collate(rows, counters, tokenizer, ex.state, logical)
-                    rows, counters = [[]], Counter()
-                else:
-                    rows.append([])
+            row_full = sum(len(e.inputs) for e in rows[-1]) + len(ex.inputs) > self.data.seq_len
+            # Every image of a micro-batch goes through the vision towers at once: the cap bounds their memory.
+            images_full = ex.pixels is not None and self.data.max_images > 0 and \
+                sum(e.pixels is not None for row in rows for e in row) == self.data.max_images
+            if images_full or (row_full and len(rows) == self.data.batch_rows):
+                yield self._collate(rows, counters, tokenizer, ex.state, logical)
+                rows, counters = [[]], Counter()
+            elif row_full:
+                rows.append([])
             rows[-1].append(ex)
         if self.finite and (rows[0] or counters):      # the last skip counts travel even without a sample
             yield self._collate(rows, counters, tokenizer, None, logical)
