@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 1 of nano-DeepSeek-OCR (d20) on 8x A100-80G nodes: everything trains, seq_len 4096, vision data only.
+# Stage 1 of nano-DeepSeek-OCR (d20) on 8-GPU nodes (A100 40 or 80 GB): everything trains, seq_len 4096, vision data only.
 #   DATA=/data/ocr HOSTFILE=launch/hostfile bash launch/stage1.sh [--key=value ...]   (NODES=1 for one node)
 # Arguments given here come after the recipe's and so override it: --steps=100 --output_dir=runs/try.
 # Pretrained starting points (converted once, see README): DeepSeek-OCR's encoder and a nanochat d20 base model.
@@ -14,6 +14,7 @@ ARGS=(
     --init="deepseek_ocr=$WEIGHTS/DeepSeek-OCR,nanochat=$WEIGHTS/nanochat-d20"
     --model.gpt.sequence_len=4096
     --data.shards="$DATA/train" --eval_shards="$DATA/val" --data.seq_len=4096 --data.num_workers=8
+    --data.max_images=24   # python -m ocr_vlm.plan: 32.7 GiB per GPU under ZeRO-2, so 40 GB A100s fit
     --micro_batch=4 --global_batch=512 --steps=20000 --lr=5e-5 --warmup_steps=500
     --save_every=1000 --eval_every=1000 --output_dir=runs/d20-stage1 --resume=auto --wandb=true
 )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 2 (d20) on 8x A100-80G nodes: SAM + compressor frozen, seq_len 8192, 10% text-only conversations.
+# Stage 2 (d20) on 8-GPU nodes (A100 40 or 80 GB): SAM + compressor frozen, seq_len 8192, 10% text-only conversations.
 # Arguments given to this script come after the recipe's and so override it, as in stage1.sh.
 # Starts from stage 1's export; DeepSeek restarted the language model from its base weights here, which
 # `nanochat=...` after `ocr_vlm=...` does (later --init items overwrite earlier ones).
@@ -15,6 +15,7 @@ ARGS=(
     --model.gpt.sequence_len=8192
     --data.shards="$DATA/train" --data.text_shards="$DATA/text" --data.text_ratio=0.1
     --eval_shards="$DATA/val" --data.seq_len=8192 --data.num_workers=8
+    --data.max_images=48   # python -m ocr_vlm.plan: 29.0 GiB per GPU under ZeRO-2, so 40 GB A100s fit
     --micro_batch=2 --global_batch=640 --steps=20000 --lr=3e-5 --warmup_steps=100
     --save_every=1000 --eval_every=1000 --output_dir=runs/d20-stage2 --resume=auto --wandb=true
 )
