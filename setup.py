@@ -9,8 +9,9 @@ setup(
     package_data={"ocr_vlm": ["assets/*"]},
     install_requires=[
         # torch is pinned in the Makefile's install step: an unpinned torch resolves to a multi-GB CUDA build
-        "torch>=2.4",
-        "deepspeed>=0.19.3",
+        "torch>=2.5",              # scaled_dot_product_attention(enable_gqa=...) in model/gpt.py
+        "deepspeed>=0.19.3,<0.20",   # 0.19.3 changed gradient_clipping's default; train.py reads ZeRO internals
+                                     # (safe_get_full_grad, universal-checkpoint keys) that minor releases move
         "webdataset>=1.0",
         "braceexpand",
         "pillow>=10",
