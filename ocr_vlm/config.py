@@ -209,6 +209,7 @@ class TrainConfig:
     output_dir: str = "runs/stage1"
     resume: str = ""              # "" (fresh), "auto" (latest in output_dir if any) or a checkpoint directory
     save_every: int = 0           # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3     # newest checkpoints kept (0: all); one of d20 with its Adam state is ~13 GB
     eval_every: int = 0           # steps between evaluations on eval_shards (0: never)
     eval_shards: str = ""
     eval_read: int = 0            # val pages read back (greedy generation, CER) at each evaluation; 0 = none
@@ -235,6 +236,7 @@ class TrainConfig:
         for name in self.checkpointing:
             _check(name in ("sam", "clip", "gpt"), "checkpointing", f"{name!r} is not one of sam, clip, gpt")
         _check(self.reading_weight >= 0, "reading_weight", "must be >= 0")
+        _check(self.keep_checkpoints >= 0, "keep_checkpoints", f"{self.keep_checkpoints} is not >= 0 (0: keep all)")
         _check(self.reading_weight == 0 or bool(self.model.reading_head), "reading_weight",
                f"{self.reading_weight} > 0 needs a reading head: set --model.reading_head=ROWS,COLS")
         self.model.validate()

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -353,6 +354,7 @@ class Trainer:
             tmp = ckpt_dir / "latest.tmp"
             tmp.write_text(tag)
             tmp.replace(ckpt_dir / "latest")
+            _prune(ckpt_dir, self.cfg.keep_checkpoints)
         dist.barrier()
         self._print(f"saved checkpoint {ckpt_dir / tag}")
 
@@ -424,6 +426,13 @@ def engine_config(path: str, cfg: TrainConfig, world: int, on_gpu: bool) -> dict
         bf16["enabled"] = on_gpu   # these CPUs emulate bf16 several times slower than fp32
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints (0: keep all), once `latest` names the newest."""
+    if keep:
+        for old in sorted(p for p in ckpt_dir.iterdir() if re.fullmatch(r"step\d{6}", p.name))[:-keep]:
+            shutil.rmtree(old)
 
 
 def _offloads_optimizer(ds: dict) -> bool:
