@@ -218,14 +218,15 @@ def largest(cfg: TrainConfig, engine: Engine, gpus: int, budget: float, field: s
     """Largest value of `field` ("micro_batch" or "max_images") up to `limit` whose plan fits `budget` bytes; 0: none."""
     best, counts = 0, parameter_counts(cfg, engine.persistence_threshold)
     for value in range(1, limit + 1):
-        trial = _with(cfg, **{field: value})
+        trial = with_sizes(cfg, **{field: value})
         if plan(trial, engine, gpus, counts=counts)["total"] > budget:
             break
         best = value
     return best
 
 
-def _with(cfg: TrainConfig, micro_batch: int | None = None, max_images: int | None = None) -> TrainConfig:
+def with_sizes(cfg: TrainConfig, micro_batch: int | None = None, max_images: int | None = None) -> TrainConfig:
+    """A copy of `cfg` with other batch sizes (max_images=0: uncapped)."""
     out = copy.deepcopy(cfg)
     if micro_batch is not None:
         out.micro_batch = micro_batch
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'  largest micro_batch':<26}" + "".join(
         f"{largest(cfg, e, args.gpus, budget, 'micro_batch', 64):>15}" for e in engines))
     print(f"{'  largest data.max_images':<26}" + "".join(
-        f"{largest(cfg, e, args.gpus, budget, 'max_images', images_per_micro_batch(_with(cfg, max_images=0))):>15}"
+        f"{largest(cfg, e, args.gpus, budget, 'max_images', images_per_micro_batch(with_sizes(cfg, max_images=0))):>15}"
         for e in engines))
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ocr_vlm import plan, recipe
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Each of these breaks when arguments pass through an unquoted `$*`: the brace pattern becomes four shards, the
@@ -85,3 +87,14 @@ def test_stage_scripts_append_arguments_after_the_recipe(cluster, script, nodes)
     ds = cluster(script, *TRICKY, DATA="/data/my ocr", NODES=nodes)["deepspeed"]
     assert ds[-len(TRICKY):] == TRICKY
     assert "--data.shards=/data/my ocr/train" in ds
+
+
+@pytest.mark.parametrize("script", ["stage1.sh", "stage2.sh"])
+def test_stage_recipes_fit_a_40gb_gpu(cluster, script):
+    """What the stage scripts launch, planned per GPU on 8 GPUs: within a 40 GB A100 under the shipped ds_config."""
+    ds = cluster(script, DATA="/data")["deepspeed"]
+    args = ds[ds.index("--ds_config") + 2:]
+    planned = plan.plan(recipe.build_config(args), plan.Engine.from_json(str(REPO / ds[ds.index("--ds_config") + 1])),
+                        gpus=8)
+    assert planned["images"] < plan.images_per_micro_batch(plan.with_sizes(recipe.build_config(args), max_images=0))
+    assert planned["total"] < 40 * plan.GiB

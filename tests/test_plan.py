@@ -70,8 +70,8 @@ def test_largest_micro_batch_fits_and_one_more_does_not():
     budget = 40 * plan.GiB
     best = plan.largest(c, ZERO2, 8, budget, "micro_batch", 64)
     assert 0 < best < 64
-    assert plan.plan(plan._with(c, micro_batch=best), ZERO2, 8)["total"] <= budget
-    assert plan.plan(plan._with(c, micro_batch=best + 1), ZERO2, 8)["total"] > budget
+    assert plan.plan(plan.with_sizes(c, micro_batch=best), ZERO2, 8)["total"] <= budget
+    assert plan.plan(plan.with_sizes(c, micro_batch=best + 1), ZERO2, 8)["total"] > budget
 
 
 def test_bad_field_is_one_line_naming_it():
