@@ -2,14 +2,17 @@
 
     python bench/plan_vs_measured.py [--cases NAME ...] [--threads 2]
 
-d20 widths everywhere (SAM ViT-B, CLIP-L, a 1280-wide GPT with the full 65537 vocabulary), depth cut to 2 GPT layers,
-2 SAM blocks (one windowed, one global) and 2 CLIP layers so a 2-core CPU runs a step in about a minute. fp32, no
-DeepSpeed: the planner's plain-PyTorch engine (ZeRO-0, no buckets, no CUDA overhead). Each case runs in a fresh
-process: build the model, freeze per the stage, take two AdamW steps (the second with the optimizer state and the
-gradients already allocated, as a ZeRO engine keeps them), and report the peak resident memory above what the
-process held before the model was built. MALLOC_MMAP_THRESHOLD_ makes freed tensors go back to the OS at once, so
-the resident peak is the live-tensor peak rather than the heap's high-water mark. The planner runs with
-`math_attention`: torch's CPU kernel keeps the softmax weights when SAM's relative-position bias needs a gradient.
+d20 widths everywhere (SAM ViT-B, CLIP-L, a 1280-wide GPT with the full 65537 vocabulary), depth cut to 2 GPT layers
+(4 in the GPT-heavy cases), 2 SAM blocks (one windowed, one global) and 2 CLIP layers: 1-3 minutes a case on 2
+cores. fp32, no DeepSpeed: the planner's plain-PyTorch engine (ZeRO-0, no buckets, no CUDA overhead). Each case runs
+in a fresh process: build the model, freeze per the stage, take two AdamW steps (the second with the optimizer state
+and the gradients already allocated, as a ZeRO engine keeps them), and report the peak resident memory above what
+the process held before the model was built. The activation columns subtract the planned weights, gradients and Adam
+state (exact counts x 4 bytes) from the measured peak, so what is left is activations plus what the CPU runtime
+holds besides tensors (~0.15 GiB here). MALLOC_MMAP_THRESHOLD_ makes freed tensors go back to the OS at once, so the
+resident peak is the live-tensor peak rather than the heap's high-water mark. The planner runs with
+`math_attention`: torch's CPU kernel for SAM's biased attention keeps the softmax weights when the bias needs a
+gradient and holds the scores next to the bias in a frozen SAM's forward; CUDA's memory-efficient kernel does neither.
 """
 
 from __future__ import annotations
@@ -102,15 +105,17 @@ def main() -> None:
         print(json.dumps({"peak": measure(args.child)}))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    print(f"{'case (d20 widths, 2/2/2 blocks, fp32)':<28}{'images':>7}{'planned GiB':>13}{'measured GiB':>14}"
-          f"{'planned/measured':>18}")
+    print(f"{'case (d20 widths, 2/2/2 blocks, fp32)':<26}{'images':>7}{'planned GiB':>12}{'measured GiB':>13}"
+          f"{'ratio':>7}{'activations: planned':>22}{'measured':>10}{'ratio':>7}")
     for name in args.cases:
         out = subprocess.run([sys.executable, __file__, f"--child={name}", f"--threads={args.threads}"], env=env,
                              capture_output=True, text=True, check=True)
         measured = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
         p = planned(name)
-        print(f"{name:<28}{CASES[name][1]:>7}{p['total'] / GiB:>13.2f}{measured / GiB:>14.2f}"
-              f"{p['total'] / measured:>18.2f}", flush=True)
+        static = p["total"] - p["activation_peak"]      # weights, gradients, Adam: exact counts x bytes
+        print(f"{name:<26}{CASES[name][1]:>7}{p['total'] / GiB:>12.2f}{measured / GiB:>13.2f}"
+              f"{p['total'] / measured:>7.2f}{p['activation_peak'] / GiB:>22.2f}{(measured - static) / GiB:>10.2f}"
+              f"{p['activation_peak'] / (measured - static):>7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def images_per_micro_batch(cfg: TrainConfig) -> int:
 def gpt_block_saved(d: int, kv: int) -> int:
     """Per token of one GPT block. Attention: the input and its norm, q/k/v, the rotated and normed q and k, the
     negated half the rotation multiplies, each document's output and their concatenation, the copy c_proj reads
-    (12d with kv = d). MLP: the input and its norm, relu's output and its square (2d + 8d)."""
+    (13d with kv = d). MLP: the input and its norm, relu's output and its square (2d + 8d)."""
     attention = d + d + (d + 2 * kv) + (d + kv) // 2 + 2 * (d + kv) + 3 * d
     return attention + 2 * d + 2 * 4 * d
 
@@ -215,7 +215,7 @@ def plan(cfg: TrainConfig, engine: Engine, gpus: int, images: int | None = None,
 
 
 def largest(cfg: TrainConfig, engine: Engine, gpus: int, budget: float, field: str, limit: int) -> int:
-    """Largest value of `field` ("micro_batch" or "max_images") up to `limit` whose plan fits `budget` bytes; 0: none."""
+    """Largest `field` ("micro_batch" or "max_images") up to `limit` whose plan fits `budget` bytes; 0: none."""
     best, counts = 0, parameter_counts(cfg, engine.persistence_threshold)
     for value in range(1, limit + 1):
         trial = with_sizes(cfg, **{field: value})
@@ -245,7 +245,8 @@ ROWS = [("params", "weights"), ("master_and_adam", "fp32 master + Adam"), ("grad
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ds_config", nargs="+", default=list(SHIPPED), help="one column each (default: the three shipped)")
+    parser.add_argument("--ds_config", nargs="+", default=list(SHIPPED),
+                        help="one column each (default: the three shipped)")
     parser.add_argument("--gpus", type=int, default=8, help="data-parallel ranks (ZeRO partitions over them)")
     parser.add_argument("--gpu_mem", type=float, default=80, help="GiB per GPU")
     args, overrides = parser.parse_known_args(argv)
