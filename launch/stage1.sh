@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 1 of nano-DeepSeek-OCR (d20) on 8-GPU nodes (A100 40 or 80 GB): everything trains, seq_len 4096, vision data only.
+# Stage 1 of nano-DeepSeek-OCR (d20) on 8-GPU nodes (A100 40/80 GB): everything trains, seq_len 4096, vision only.
 #   DATA=/data/ocr HOSTFILE=launch/hostfile bash launch/stage1.sh [--key=value ...]   (NODES=1 for one node)
 # Arguments given here come after the recipe's and so override it: --steps=100 --output_dir=runs/try.
 # Pretrained starting points (converted once, see README): DeepSeek-OCR's encoder and a nanochat d20 base model.
