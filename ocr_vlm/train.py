@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import pickle
 import random
+import re
 import shutil
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import deepspeed
@@ -28,7 +32,10 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import safe_get_full_grad
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from ocr_vlm import config, flops, recipe, weights
 from ocr_vlm.config import ConfigError, TrainConfig
@@ -43,6 +50,10 @@ from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
 from ocr_vlm.tracking import Tracker
 
 CHECKPOINTS = "checkpoints"
+# The only non-container, non-tensor types in a checkpoint this trainer resumes from, as listed by
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2, ZeRO-3 and ds_to_universal checkpoints
+# (DeepSpeed's optimizer state holds these; the client state is plain Python and tensors).
+CHECKPOINT_GLOBALS = [ZeroStageEnum, LossScaler, fragment_address]
 
 
 class TrainingError(RuntimeError):
@@ -64,7 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     _init_distributed()
     # On an exception this rank exits non-zero and the launcher stops the others; waiting for them here would hang.
-    Trainer(cfg, args.ds_config).run()
+    try:
+        Trainer(cfg, args.ds_config).run()
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)    # the reason, not a traceback through the trainer
+        raise SystemExit(1) from None
     dist.barrier()
     dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
 
@@ -130,6 +145,7 @@ class Trainer:
         data = config.strict_overrides(cfg.data, [f"--batch_rows={cfg.micro_batch}"])
         self.loader = Loader(data, cfg.model, self.tokenizer_path, self.rank, self.world)
         self.step, self.samples_seen, self.train_seconds = 0, 0, 0.0
+        self.divergence = DivergenceGuard(cfg.diverge_steps, cfg.diverge_loss)
         self.read_samples = None          # (tokenizer, this rank's share of the pages eval_read reads back)
         self.tracker = Tracker(self.out, config.to_dict(cfg), enabled=self.rank == 0, use_wandb=cfg.wandb,
                                project=cfg.wandb_project, run_name=cfg.run_name, resume=self.resume_path is not None)
@@ -191,8 +207,9 @@ class Trainer:
                 for k, v in batch["counters"].items():
                     counters[k] = counters.get(k, 0) + v
             self.step += 1
-            self._log(torch.stack(losses).mean(0), lr, counters, skipped_micro, grad_norms,
-                      time.perf_counter() - started)
+            metrics = self._log(torch.stack(losses).mean(0), lr, counters, skipped_micro, grad_norms,
+                                time.perf_counter() - started)
+            self.divergence.check(self.step, metrics["loss"], metrics["grad_norm"], lr)   # before any save or export
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 self.evaluate()
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
@@ -236,8 +253,9 @@ class Trainer:
         return torch.bfloat16 if self._bf16 else torch.float32
 
     def _log(self, losses: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
-             dt: float) -> None:
-        """`losses`: this rank's mean (cross-entropy, reading loss) over the step's micro-batches."""
+             dt: float) -> dict:
+        """`losses`: this rank's mean (cross-entropy, reading loss) over the step's micro-batches. Returns the step's
+        metrics, the same on every rank."""
         totals = torch.tensor([*losses.float().tolist(), counters.get("tokens", 0), counters.get("samples", 0),
                                counters.get("vision_samples", 0),
                                sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
@@ -266,6 +284,7 @@ class Trainer:
                   f"grad {grad} ({towers}) | dt {dt * 1000:.0f}ms | tok/s {metrics['tokens_per_s']:,.0f} | "
                   f"samples/s {metrics['samples_per_s']:.2f} | {mfu} | skipped {skipped}", flush=True)
         self.tracker.log(self.step, metrics)
+        return metrics
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.device)    # NCCL reduces device tensors only
@@ -369,7 +388,8 @@ class Trainer:
             return
         if not path.is_dir():
             raise TrainingError(f"resume: {path} is not a checkpoint directory")
-        loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        with _unpickling(path, trusted=self.cfg.trust_checkpoint):
+            loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise TrainingError(f"resume: DeepSpeed could not load {path}")
         self.step, self.samples_seen = client["step"], client.get("samples_seen", 0)
@@ -408,6 +428,59 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+class DivergenceGuard:
+    """Stops a run whose steps no longer train: a gradient norm of exactly 0 (a huge lr saturates the softcapped
+    logits, which then pass no gradient back while the loss stays finite) or non-finite, or a loss above `ratio` x
+    its running mean. `patience` such steps in a row stop it, so one noisy batch does not."""
+
+    def __init__(self, patience: int, ratio: float):
+        self.patience, self.ratio = patience, ratio
+        self.in_a_row, self.mean = 0, None
+
+    def check(self, step: int, loss: float, grad_norm: float | None, lr: float) -> None:
+        why = self._diverged(loss, grad_norm)
+        if why is None:
+            self.in_a_row = 0
+            self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss   # over the last ~10 steps
+            return
+        self.in_a_row += 1
+        if self.in_a_row >= self.patience:
+            raise TrainingError(f"step {step}: training diverged ({why}, {self.in_a_row} steps in a row); the likely "
+                                f"cause is the learning rate {lr:.1e}: lower --lr or resume from an earlier checkpoint")
+
+    def _diverged(self, loss: float, grad_norm: float | None) -> str | None:
+        if grad_norm is not None and (grad_norm == 0 or not math.isfinite(grad_norm)):
+            return f"gradient norm {grad_norm}"
+        if self.mean is not None and loss > self.ratio * self.mean:
+            return f"loss {loss:.4f} above {self.ratio:g} x its running mean {self.mean:.4f}"
+        return None
+
+
+@contextmanager
+def _unpickling(path: Path, trusted: bool):
+    """Every torch.load of a resume runs weights-only, allowing just CHECKPOINT_GLOBALS: DeepSpeed's engine and
+    universal-checkpoint loaders pass weights_only=False, which TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides at each call.
+    A file pickling anything else is refused before any of its objects is built."""
+    if trusted:
+        yield
+        return
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            yield
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))   # the first type outside the allow-list
+        what = f"pickles {found.group(1)}" if found else "is not a weights-only checkpoint"
+        raise TrainingError(f"resume: a file in {path} {what}, which a checkpoint of this trainer never holds; "
+                            "refused without unpickling (--trust_checkpoint=true loads it if you made it)") from None
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
 def engine_config(path: str, cfg: TrainConfig, world: int, on_gpu: bool) -> dict:
     """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in."""
     ds = json.loads(Path(path).read_text())
@@ -457,7 +530,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain Python and tensors only, so a resume loads it weights-only (numpy's key array would need numpy globals)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -465,7 +541,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
