@@ -399,9 +399,10 @@ class Trainer:
             self.loader.load_state_dict(ranks[self.rank]["loader"])
             _set_rng_state(ranks[self.rank]["rng"])
         else:
-            # A different world size re-partitions the data: continue with the next epoch of every stream.
-            self.loader.start_after(ranks)
-            self._print(f"resume: world size {len(ranks)} -> {self.world}; data restarts at the next epoch")
+            # A different world size re-partitions the data: the new slots share what the old ones had not read.
+            self.loader.start_after([r["loader"] for r in ranks])
+            self._print(f"resume: world size {len(ranks)} -> {self.world}; each epoch's unread samples are shared "
+                        "over the new ranks")
         self.tracker.resume_at(self.step)
         self._print(f"resumed from {path} at step {self.step}")
 

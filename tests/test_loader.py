@@ -5,7 +5,7 @@ import signal
 import json
 import struct
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from ocr_vlm import config
 from ocr_vlm.config import DataConfig
 from ocr_vlm.data.loader import Loader, UnreadableData
 from ocr_vlm.data.shards import Record, write_shards
-from ocr_vlm.data.stream import ShardSet, slot_ranges
+from ocr_vlm.data.stream import Origin, SampleStream, ShardSet, slot_ranges
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
 
@@ -118,6 +118,55 @@ def test_resume_continues_at_the_exact_next_batch(corpus):
         for key in ("input_ids", "targets", "position_ids", "doc_ids", "pixel_values"):
             assert torch.equal(want[key], got[key]), key
         assert want["counters"] == got["counters"]
+
+
+@pytest.mark.parametrize("chain", [(2, 1), (1, 2), (4, 2), (2, 1, 2)])
+def test_resume_on_another_slot_count_reads_every_epoch_exactly_once(corpus, chain):
+    """Slots at different epochs (as the issue saw: 4, 7, 4, 4) stop; the run resumes on another slot count (and
+    again on another): every epoch any slot had begun is read exactly once over all the legs, shuffle included."""
+    root, texts = corpus
+    shards = ShardSet.from_spec(str(root / "pages"))
+    seen: dict[int, Counter] = defaultdict(Counter)
+    origin = None
+    for leg, slots in enumerate(chain):
+        last = leg == len(chain) - 1
+        start = (origin.first_epoch, 0) if origin else (0, 0)
+        positions = []
+        for slot in range(slots):
+            taken, position = 0, start
+            for item, (epoch, k) in SampleStream(shards, slot, slots, 7, 8, start, origin):
+                if (last and epoch >= origin.fresh_epoch) or (not last and taken == 37 - 10 * slot - 4 * leg):
+                    break                                   # uneven paces: the slots stop at different epochs
+                seen[epoch][item["__key__"]] += 1
+                taken, position = taken + 1, (epoch, k + 1)
+            positions.append(position)
+        if leg == 0 and slots > 1:
+            assert len({epoch for epoch, _ in positions}) > 1          # the slots stopped in different epochs
+        origin = origin if last else Origin(slots, tuple(positions), origin)
+    keys = Counter(f"p{i:03d}" for i in range(len(texts)))
+    assert [seen[e] for e in range(origin.fresh_epoch)] == [keys] * origin.fresh_epoch
+
+
+@pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 2)])
+def test_loader_resumed_on_another_world_size_reads_the_rest_of_the_epoch(corpus, old_world, new_world):
+    """Through the loader's checkpointed state: the new ranks' batches, up to the end of the epoch, hold exactly the
+    pages the old ranks had not taken (one page per batch, so the epoch's end is a batch boundary)."""
+    root, texts = corpus
+    cfg = data(root, seq_len=150, batch_rows=1, num_workers=0)
+    old = [Loader(cfg, VLM, TINY_TOKENIZER, rank, old_world) for rank in range(old_world)]
+    taken = [r for loader in old for _, b in zip(range(4 + loader.rank), loader) for r in responses_in(b)]
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in old]   # as they travel through a checkpoint
+    assert all(w["vision"][0] == 0 for s in states for w in s["workers"].values())
+    rest = []
+    for rank in range(new_world):
+        loader = Loader(cfg, VLM, TINY_TOKENIZER, rank, new_world)
+        loader.start_after(states)
+        for batch in loader:
+            if loader.worker_states[0]["vision"][0] > 0:
+                break                                       # this batch's page is the next epoch's first
+            rest += responses_in(batch)
+    assert len(taken) == 4 * old_world + old_world * (old_world - 1) // 2
+    assert sorted(taken + rest) == sorted(texts)
 
 
 def test_mixing_ratio_within_two_percent(corpus):

@@ -3,7 +3,8 @@
 Each DataLoader worker of each rank owns one slot of the sample streams (see stream.py) and builds whole batches.
 Rows hold several samples: each starts at <|bos|> with rotary positions restarting at 0, and `doc_ids` tells the
 model which tokens may attend to which (causal within a sample, never across). A batch carries the position of the
-first sample it did *not* take, so `Loader.state_dict()` resumes at exactly the next sample on every rank.
+first sample it did *not* take, so `Loader.state_dict()` resumes at exactly the next sample on every rank, and
+`Loader.start_after()` continues on another world size with no sample of an epoch repeated or skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ocr_vlm.config import DataConfig, VLMConfig
 from ocr_vlm.data.shards import with_response
-from ocr_vlm.data.stream import SampleStream, ShardSet, Skipped
+from ocr_vlm.data.stream import Origin, SampleStream, ShardSet, Skipped
 from ocr_vlm.image import ImageError, load_pixels
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.reading import reading_targets
@@ -28,6 +29,8 @@ from ocr_vlm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+STREAMS = ("vision", "text")
+FRESH = {"mixed": 0, "vision": (0, 0), "text": (0, 0)}     # a worker's stream state before its first sample
 
 
 @dataclass
@@ -92,9 +95,11 @@ class PackedBatches(IterableDataset):
     """Runs inside each DataLoader worker: one slot's examples packed into (batch_rows, seq_len) batches."""
 
     def __init__(self, data: DataConfig, vlm: VLMConfig, tokenizer_path: str, rank: int, world: int,
-                 worker_states: dict[int, dict], worker_offset: int, finite: bool = False):
+                 worker_states: dict[int, dict], worker_offset: int, finite: bool = False,
+                 origins: dict[str, Origin | None] | None = None):
         self.data, self.vlm, self.tokenizer_path = data, vlm, tokenizer_path
         self.rank, self.world, self.states, self.offset, self.finite = rank, world, worker_states, worker_offset, finite
+        self.origins = origins or dict.fromkeys(STREAMS)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -107,12 +112,13 @@ class PackedBatches(IterableDataset):
     def _examples(self, tokenizer: Tokenizer, slot: int, slots: int, logical: int) -> Iterator[Example | tuple]:
         """Examples in stream order; unreadable samples come out as (reason, where, count) to be counted."""
         d = self.data
-        state = self.states.get(logical, {"mixed": 0, "vision": (0, 0), "text": (0, 0)})
+        state = self.states.get(logical, FRESH)
         buffer = 0 if self.finite else d.shuffle_buffer
-        streams = {"vision": SampleStream(ShardSet.from_spec(d.shards), slot, slots, d.seed, buffer, state["vision"])}
+        streams = {"vision": SampleStream(ShardSet.from_spec(d.shards), slot, slots, d.seed, buffer, state["vision"],
+                                          self.origins["vision"])}
         if d.text_ratio > 0:
             streams["text"] = SampleStream(ShardSet.from_spec(d.text_shards), slot, slots, d.seed + 1, buffer,
-                                           state["text"])
+                                           state["text"], self.origins["text"])
         iters = {name: iter(s) for name, s in streams.items()}
         positions = {"vision": tuple(state["vision"]), "text": tuple(state["text"])}
         mixed = state["mixed"]
@@ -214,7 +220,8 @@ class Pass:
     skipped: Counter = field(default_factory=Counter)
 
     def check(self, what: str, slot: int, slots: int) -> None:
-        if self.start == 0 and self.readable == 0:
+        # An empty share is no fault: after a resume on more slots, an epoch's remainder can be smaller than the slots.
+        if self.start == 0 and self.readable == 0 and self.skipped:
             raise UnreadableData(f"slot {slot} of {slots} (rank x worker) read its whole share of epoch {self.epoch} of "
                                  f"{what} and found no usable sample; skipped by reason: {dict(self.skipped)}")
 
@@ -233,11 +240,12 @@ class Loader:
         self.rank, self.world, self.finite = rank, world, finite
         self.batches = 0
         self.worker_states: dict[int, dict] = {}
+        self.origins: dict[str, Origin | None] = dict.fromkeys(STREAMS)   # set by a resume on another world size
 
     def __iter__(self) -> Iterator[dict]:
         workers = max(1, self.data.num_workers)
         dataset = PackedBatches(self.data, self.vlm, self.tokenizer_path, self.rank, self.world,
-                                dict(self.worker_states), self.batches % workers, self.finite)
+                                dict(self.worker_states), self.batches % workers, self.finite, self.origins)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, worker_init_fn=_single_thread,
                             prefetch_factor=2 if self.data.num_workers else None, pin_memory=torch.cuda.is_available())
         for batch in loader:
@@ -249,15 +257,18 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "workers": {str(k): v for k, v in self.worker_states.items()},
-                "rank": self.rank, "world": self.world}
+                "rank": self.rank, "world": self.world, "num_workers": max(1, self.data.num_workers),
+                "origins": {name: o.to_dict() if o else None for name, o in self.origins.items()}}
 
-    def start_after(self, rank_states: list[dict]) -> None:
-        """Resume on a different world size: slots no longer match, so every stream starts its next epoch."""
-        workers = [w for r in rank_states for w in r["loader"]["workers"].values()]
-        vision = max((w["vision"][0] for w in workers), default=-1) + 1
-        text = max((w["text"][0] for w in workers), default=-1) + 1
+    def start_after(self, states: list[dict]) -> None:
+        """Resume from every rank's `state_dict()` of a run on another world size (or worker count): each stream
+        continues from the old slots' positions (stream.py's Origin), so no sample of an epoch is repeated or skipped."""
+        workers = states[0]["num_workers"]
+        old = [states[r]["workers"].get(str(w), FRESH) for r in range(len(states)) for w in range(workers)]
+        self.origins = {name: Origin(len(old), tuple(tuple(w[name]) for w in old),
+                                     Origin.from_dict(states[0]["origins"][name])) for name in STREAMS}
         self.batches = 0
-        self.worker_states = {k: {"mixed": 0, "vision": (vision, 0), "text": (text, 0)}
+        self.worker_states = {k: {"mixed": 0, **{name: (o.first_epoch, 0) for name, o in self.origins.items()}}
                               for k in range(max(1, self.data.num_workers))}
 
     def load_state_dict(self, state: dict) -> None:
@@ -267,6 +278,7 @@ class Loader:
         self.batches = state["batches"]
         self.worker_states = {int(k): {"mixed": v["mixed"], "vision": tuple(v["vision"]), "text": tuple(v["text"])}
                               for k, v in state["workers"].items()}
+        self.origins = {name: Origin.from_dict(o) for name, o in state["origins"].items()}
 
 
 def _single_thread(_worker_id: int) -> None:
