@@ -388,7 +388,7 @@ class Trainer:
             return
         if not path.is_dir():
             raise TrainingError(f"resume: {path} is not a checkpoint directory")
-        with _unpickling(path, trusted=self.cfg.trust_checkpoint):
+        with _unpickling(path, "resume", "--trust_checkpoint=true loads it", trusted=self.cfg.trust_checkpoint):
             loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise TrainingError(f"resume: DeepSpeed could not load {path}")
@@ -457,8 +457,24 @@ class DivergenceGuard:
         return None
 
 
+def to_universal(argv: list[str]) -> None:
+    """DeepSpeed's ds_to_universal (arguments as its own), with the resume's weights-only loading: converting a
+    checkpoint for another world size runs no code planted in it."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    sys.argv = ["ds_to_universal", *argv]
+    args = ds_to_universal.parse_arguments()
+    try:
+        with _unpickling(Path(args.input_folder), "to_universal",
+                         "python -m deepspeed.checkpoint.ds_to_universal converts it", trusted=False):
+            ds_to_universal.main(args)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 @contextmanager
-def _unpickling(path: Path, trusted: bool):
+def _unpickling(path: Path, what: str, opt_out: str, trusted: bool):
     """Every torch.load of a resume runs weights-only, allowing just CHECKPOINT_GLOBALS: DeepSpeed's engine and
     universal-checkpoint loaders pass weights_only=False, which TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides at each call.
     A file pickling anything else is refused before any of its objects is built."""
@@ -472,9 +488,9 @@ def _unpickling(path: Path, trusted: bool):
             yield
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))   # the first type outside the allow-list
-        what = f"pickles {found.group(1)}" if found else "is not a weights-only checkpoint"
-        raise TrainingError(f"resume: a file in {path} {what}, which a checkpoint of this trainer never holds; "
-                            "refused without unpickling (--trust_checkpoint=true loads it if you made it)") from None
+        holds = f"pickles {found.group(1)}" if found else "is not a weights-only checkpoint"
+        raise TrainingError(f"{what}: a file in {path} {holds}, which a checkpoint of this trainer never holds; "
+                            f"refused without unpickling ({opt_out} if you made it)") from None
     finally:
         if before is None:
             del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]

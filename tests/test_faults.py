@@ -138,6 +138,11 @@ def test_a_planted_pickle_is_refused_on_resume_unless_trusted(uninterrupted, tmp
                                   "this trainer never holds; refused without unpickling (--trust_checkpoint=true "
                                   "loads it if you made it)")
     assert not (tmp_path / "run" / "export").exists()
+    converted = subprocess.run([sys.executable, "launch/to_universal.py", "--input_folder", str(checkpoint),
+                                "--output_folder", str(tmp_path / "universal")], cwd=ROOT, env=env(),
+                               capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 1 and not marker.exists()
+    assert last_error(converted).startswith(f"error: to_universal: a file in {checkpoint} pickles posix.system")
 
     trusted = train(tmp_path / "trusted", *RUN, f"--resume={checkpoint}", "--trust_checkpoint=true")
     assert trusted.returncode != 0 and marker.exists()      # the opt-out unpickles: the planted command ran

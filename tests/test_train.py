@@ -116,15 +116,16 @@ def test_resume_reproduces_the_uninterrupted_loss_trace(zero2, tmp_path):
 
 def test_universal_checkpoint_resumes_two_ranks_on_one(zero2, tmp_path):
     universal = tmp_path / "step000008_universal"
-    run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+    run([sys.executable, "launch/to_universal.py", "--input_folder",
          str(zero2 / "checkpoints" / "step000008"), "--output_folder", str(universal)])
     out = tmp_path / "one_rank"
-    run([sys.executable, "launch/train.py", "--ds_config", "ds_configs/zero2.json", f"--output_dir={out}", *TINY_RUN,
-         "--global_batch=2", "--steps=11", f"--resume={universal}"])
+    log = run([sys.executable, "launch/train.py", "--ds_config", "ds_configs/zero2.json", f"--output_dir={out}",
+               *TINY_RUN, "--global_batch=2", "--steps=11", f"--resume={universal}"])
     before, after = losses(zero2), losses(out)
     assert sorted(after) == [9, 10, 11]
     assert all(loss < before[1] - 0.5 for loss in after.values())     # continues from trained weights
     assert after[11] < after[9]
+    assert "resume: world size 2 -> 1; each epoch's unread samples are shared over the new ranks" in log
 
 
 @pytest.fixture(scope="module")
