@@ -209,7 +209,10 @@ class Trainer:
             self.step += 1
             metrics = self._log(torch.stack(losses).mean(0), lr, counters, skipped_micro, grad_norms,
                                 time.perf_counter() - started)
-            self.divergence.check(self.step, metrics["loss"], metrics["grad_norm"], lr)   # before any save or export
+            # fp16's loss scaler skips overflowing steps itself (many in a row while it calibrates): not divergence.
+            scaler_skipped = self.engine.fp16_enabled() and not self.engine.was_step_applied()
+            self.divergence.check(self.step, metrics["loss"], None if scaler_skipped else metrics["grad_norm"],
+                                  self.cfg.lr)          # before any save or export
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 self.evaluate()
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
@@ -447,7 +450,8 @@ class DivergenceGuard:
         self.in_a_row += 1
         if self.in_a_row >= self.patience:
             raise TrainingError(f"step {step}: training diverged ({why}, {self.in_a_row} steps in a row); the likely "
-                                f"cause is the learning rate {lr:.1e}: lower --lr or resume from an earlier checkpoint")
+                                f"cause is the learning rate (--lr={lr:g}): lower it or resume from an earlier "
+                                "checkpoint")
 
     def _diverged(self, loss: float, grad_norm: float | None) -> str | None:
         if grad_norm is not None and (grad_norm == 0 or not math.isfinite(grad_norm)):
