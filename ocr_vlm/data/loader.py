@@ -95,11 +95,10 @@ class PackedBatches(IterableDataset):
     """Runs inside each DataLoader worker: one slot's examples packed into (batch_rows, seq_len) batches."""
 
     def __init__(self, data: DataConfig, vlm: VLMConfig, tokenizer_path: str, rank: int, world: int,
-                 worker_states: dict[int, dict], worker_offset: int, finite: bool = False,
-                 origins: dict[str, Origin | None] | None = None):
+                 worker_states: dict[int, dict], worker_offset: int, finite: bool, origins: dict[str, Origin | None]):
         self.data, self.vlm, self.tokenizer_path = data, vlm, tokenizer_path
         self.rank, self.world, self.states, self.offset, self.finite = rank, world, worker_states, worker_offset, finite
-        self.origins = origins or dict.fromkeys(STREAMS)
+        self.origins = origins
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -122,7 +121,7 @@ class PackedBatches(IterableDataset):
         iters = {name: iter(s) for name, s in streams.items()}
         positions = {"vision": tuple(state["vision"]), "text": tuple(state["text"])}
         mixed = state["mixed"]
-        passes = {name: Pass(*position) for name, position in positions.items()}
+        passes = {name: Pass.at(streams[name], *positions[name]) for name in streams}
         warned: set[str] = set()
         while True:
             source = "text" if "text" in iters and _draw(d.seed, slot, mixed) < d.text_ratio else "vision"
@@ -132,7 +131,7 @@ class PackedBatches(IterableDataset):
                 return
             if epoch != passes[source].epoch:
                 passes[source].check(f"{source} shards {streams[source].shards.urls}", slot, slots)
-                passes[source] = Pass(epoch, k)
+                passes[source] = Pass.at(streams[source], epoch, k)
             positions[source], mixed = (epoch, k + 1), mixed + 1
             if isinstance(item, Skipped):
                 passes[source].skipped[item.reason] += item.count
@@ -213,15 +212,19 @@ class UnreadableData(RuntimeError):
 
 @dataclass
 class Pass:
-    """One slot's progress through one epoch of a stream: a full pass with nothing readable is an error."""
+    """One slot's progress through one epoch of a stream: a whole share read with nothing readable is an error."""
     epoch: int
-    start: int                        # position the pass began at (0 unless resumed mid-epoch)
+    whole: bool                       # reads the slot's whole share of a fresh epoch (not resumed mid-way, nor the
+                                      # few samples a resume on other slots left of an epoch: those may all be bad)
     readable: int = 0
     skipped: Counter = field(default_factory=Counter)
 
+    @classmethod
+    def at(cls, stream: SampleStream, epoch: int, k: int) -> "Pass":
+        return cls(epoch, whole=k == 0 and stream.fresh(epoch))
+
     def check(self, what: str, slot: int, slots: int) -> None:
-        # An empty share is no fault: after a resume on more slots, an epoch's remainder can be smaller than the slots.
-        if self.start == 0 and self.readable == 0 and self.skipped:
+        if self.whole and self.readable == 0:
             raise UnreadableData(f"slot {slot} of {slots} (rank x worker) read its whole share of epoch {self.epoch} of "
                                  f"{what} and found no usable sample; skipped by reason: {dict(self.skipped)}")
 
@@ -278,7 +281,8 @@ class Loader:
         self.batches = state["batches"]
         self.worker_states = {int(k): {"mixed": v["mixed"], "vision": tuple(v["vision"]), "text": tuple(v["text"])}
                               for k, v in state["workers"].items()}
-        self.origins = {name: Origin.from_dict(o) for name, o in state["origins"].items()}
+        # A checkpoint from before world-size changes were tracked never had one: its streams have no origin.
+        self.origins = {name: Origin.from_dict(state.get("origins", {}).get(name)) for name in STREAMS}
 
 
 def _single_thread(_worker_id: int) -> None:

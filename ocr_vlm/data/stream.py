@@ -148,9 +148,14 @@ class Origin:
 def epoch_pieces(shards: ShardSet, slot: int, slots: int, epoch: int, seed: int, buffer: int,
                  origin: Origin | None) -> list[tuple[str, int, int]]:
     """The (shard, start, stop) pieces a slot reads in an epoch (before its shuffle buffer)."""
-    if origin is None or epoch >= origin.fresh_epoch:
+    if fresh(origin, epoch):
         return slot_ranges(shards, slot, slots, epoch, seed)
     return _share(origin.remaining(shards, epoch, seed, buffer), slot, slots)
+
+
+def fresh(origin: Origin | None, epoch: int) -> bool:
+    """Whether the slots split all of `epoch` (not the remainder a run on other slots left of it)."""
+    return origin is None or epoch >= origin.fresh_epoch
 
 
 def _members(item: "dict | Skipped") -> list[tuple[str, int]]:
@@ -180,6 +185,9 @@ class SampleStream:
             raise ValueError(f"shards: {shards.total} samples cannot feed {slots} rank x worker slots")
         self.shards, self.slot, self.slots, self.seed, self.buffer = shards, slot, slots, seed, shuffle_buffer
         self.position, self.origin = tuple(position), origin
+
+    def fresh(self, epoch: int) -> bool:
+        return fresh(self.origin, epoch)
 
     def __iter__(self) -> Iterator[tuple[dict | Skipped, tuple[int, int]]]:
         epoch, consumed = self.position
