@@ -1,8 +1,9 @@
 """The training engine — the only module that imports DeepSpeed.
 
     recipe + ds_config ─▶ model (pretrained init, freeze, activation checkpointing) ─▶ deepspeed.initialize
+    resume: every checkpoint file loaded weights-only (no unpickling); the loader continues where the run was
     loader (this rank's packed batches) ─▶ micro-steps: forward, non-finite guard, backward, engine.step
-    every N steps: metrics (JSONL + W&B), eval on val shards, checkpoint (engine state + every rank's loader/RNG)
+    every step: metrics (JSONL + W&B), divergence guard; every N: eval, checkpoint (engine + every rank's loader/RNG)
     end: checkpoint, export safetensors + config gathered from the (possibly ZeRO-3 partitioned) checkpoint
 
 Runs under the `deepspeed` launcher, torchrun, or as one plain python process (rank 0 of 1).
@@ -75,11 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     _init_distributed()
     # On an exception this rank exits non-zero and the launcher stops the others; waiting for them here would hang.
-    try:
+    with _one_line_errors():
         Trainer(cfg, args.ds_config).run()
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)    # the reason, not a traceback through the trainer
-        raise SystemExit(1) from None
     dist.barrier()
     dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
 
@@ -468,10 +466,16 @@ def to_universal(argv: list[str]) -> None:
 
     sys.argv = ["ds_to_universal", *argv]
     args = ds_to_universal.parse_arguments()
+    with _one_line_errors(), _unpickling(Path(args.input_folder), "to_universal",
+                                         "python -m deepspeed.checkpoint.ds_to_universal converts it", trusted=False):
+        ds_to_universal.main(args)
+
+
+@contextmanager
+def _one_line_errors():
+    """A TrainingError ends the process with its reason on one line and exit code 1, not a traceback."""
     try:
-        with _unpickling(Path(args.input_folder), "to_universal",
-                         "python -m deepspeed.checkpoint.ds_to_universal converts it", trusted=False):
-            ds_to_universal.main(args)
+        yield
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
