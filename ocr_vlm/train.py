@@ -396,14 +396,11 @@ class Trainer:
         self.step, self.samples_seen = client["step"], client.get("samples_seen", 0)
         self.train_seconds = client.get("train_seconds", 0.0)
         ranks = client["ranks"]
-        if len(ranks) == self.world:
-            self.loader.load_state_dict(ranks[self.rank]["loader"])
+        if self.loader.resume([r["loader"] for r in ranks]):
             _set_rng_state(ranks[self.rank]["rng"])
         else:
-            # A different world size re-partitions the data: the new slots share what the old ones had not read.
-            self.loader.start_after([r["loader"] for r in ranks])
-            self._print(f"resume: world size {len(ranks)} -> {self.world}; each epoch's unread samples are shared "
-                        "over the new ranks")
+            self._print(f"resume: {len(ranks)} rank(s) -> {self.world}; each epoch's unread samples are shared over "
+                        "the new ranks x workers")
         self.tracker.resume_at(self.step)
         self._print(f"resumed from {path} at step {self.step}")
 

@@ -146,20 +146,23 @@ def test_resume_on_another_slot_count_reads_every_epoch_exactly_once(corpus, cha
     assert [seen[e] for e in range(origin.fresh_epoch)] == [keys] * origin.fresh_epoch
 
 
-@pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 2)])
-def test_loader_resumed_on_another_world_size_reads_the_rest_of_the_epoch(corpus, old_world, new_world):
-    """Through the loader's checkpointed state: the new ranks' batches, up to the end of the epoch, hold exactly the
-    pages the old ranks had not taken (one page per batch, so the epoch's end is a batch boundary)."""
+@pytest.mark.parametrize("old, new", [((2, 0), (1, 0)), ((1, 0), (2, 0)), ((1, 2), (1, 0))])
+def test_loader_resumed_on_other_ranks_or_workers_reads_the_rest_of_the_epoch(corpus, old, new):
+    """Through the loader's checkpointed state, (ranks, workers) -> (ranks, workers): the new ranks' batches, up to the
+    end of the epoch, hold exactly the pages the old ones had not taken (one page per batch, so the epoch's end is a
+    batch boundary)."""
     root, texts = corpus
-    cfg = data(root, seq_len=150, batch_rows=1, num_workers=0)
-    old = [Loader(cfg, VLM, TINY_TOKENIZER, rank, old_world) for rank in range(old_world)]
-    taken = [r for loader in old for _, b in zip(range(4 + loader.rank), loader) for r in responses_in(b)]
-    states = [json.loads(json.dumps(loader.state_dict())) for loader in old]   # as they travel through a checkpoint
+    (old_world, old_workers), (new_world, new_workers) = old, new
+    cfg = data(root, seq_len=150, batch_rows=1, num_workers=old_workers)
+    loaders = [Loader(cfg, VLM, TINY_TOKENIZER, rank, old_world) for rank in range(old_world)]
+    taken = [r for loader in loaders for _, b in zip(range(4 + loader.rank), loader) for r in responses_in(b)]
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in loaders]   # as they travel in a checkpoint
     assert all(w["vision"][0] == 0 for s in states for w in s["workers"].values())
     rest = []
     for rank in range(new_world):
-        loader = Loader(cfg, VLM, TINY_TOKENIZER, rank, new_world)
-        loader.start_after(states)
+        loader = Loader(data(root, seq_len=150, batch_rows=1, num_workers=new_workers), VLM, TINY_TOKENIZER, rank,
+                        new_world)
+        assert not loader.resume(states)
         for batch in loader:
             if loader.worker_states[0]["vision"][0] > 0:
                 break                                       # this batch's page is the next epoch's first

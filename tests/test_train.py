@@ -125,7 +125,7 @@ def test_universal_checkpoint_resumes_two_ranks_on_one(zero2, tmp_path):
     assert sorted(after) == [9, 10, 11]
     assert all(loss < before[1] - 0.5 for loss in after.values())     # continues from trained weights
     assert after[11] < after[9]
-    assert "resume: world size 2 -> 1; each epoch's unread samples are shared over the new ranks" in log
+    assert "resume: 2 rank(s) -> 1; each epoch's unread samples are shared over the new ranks x workers" in log
 
 
 @pytest.fixture(scope="module")

@@ -260,8 +260,22 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "workers": {str(k): v for k, v in self.worker_states.items()},
-                "rank": self.rank, "world": self.world, "num_workers": max(1, self.data.num_workers),
+                "rank": self.rank, "world": self.world, "num_workers": self._slots_per_rank,
                 "origins": {name: o.to_dict() if o else None for name, o in self.origins.items()}}
+
+    def resume(self, states: list[dict]) -> bool:
+        """Continue from every rank's `state_dict()`: exactly where this rank was when the ranks and workers are the
+        same (True), else by sharing out what the old ones had not read (False)."""
+        # A checkpoint from before the worker count was recorded had the one it resumes with, or no exact resume.
+        if len(states) == self.world and states[0].get("num_workers", self._slots_per_rank) == self._slots_per_rank:
+            self.load_state_dict(states[self.rank])
+            return True
+        self.start_after(states)
+        return False
+
+    @property
+    def _slots_per_rank(self) -> int:
+        return max(1, self.data.num_workers)
 
     def start_after(self, states: list[dict]) -> None:
         """Resume from every rank's `state_dict()` of a run on another world size (or worker count): each stream
@@ -272,7 +286,7 @@ class Loader:
                                      Origin.from_dict(states[0]["origins"][name])) for name in STREAMS}
         self.batches = 0
         self.worker_states = {k: {"mixed": 0, **{name: (o.first_epoch, 0) for name, o in self.origins.items()}}
-                              for k in range(max(1, self.data.num_workers))}
+                              for k in range(self._slots_per_rank)}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["rank"], state["world"]) != (self.rank, self.world):
