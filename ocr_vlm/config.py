@@ -208,6 +208,7 @@ class TrainConfig:
     checkpointing: tuple[str, ...] = ("sam", "clip", "gpt")   # towers with per-block activation checkpointing
     output_dir: str = "runs/stage1"
     resume: str = ""              # "" (fresh), "auto" (latest in output_dir if any) or a checkpoint directory
+    trust_checkpoint: bool = False  # resume may unpickle arbitrary objects (only for checkpoints you made yourself)
     save_every: int = 0           # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3     # newest checkpoints kept (0: all); one of d20 with its Adam state is ~13 GB
     eval_every: int = 0           # steps between evaluations on eval_shards (0: never)
@@ -216,6 +217,8 @@ class TrainConfig:
     eval_read_tokens: int = 64    # new tokens at most per page read back
     log_every: int = 1
     max_bad_steps: int = 5        # consecutive non-finite losses tolerated (each skipped) before stopping
+    diverge_steps: int = 3        # consecutive diverged steps (zero/non-finite grad norm, loss spike) that stop a run
+    diverge_loss: float = 3.0     # a step's loss above this multiple of its running mean counts as diverged
     wandb: bool = False
     wandb_project: str = "ocr_vlm"
     run_name: str = ""
@@ -237,6 +240,8 @@ class TrainConfig:
             _check(name in ("sam", "clip", "gpt"), "checkpointing", f"{name!r} is not one of sam, clip, gpt")
         _check(self.reading_weight >= 0, "reading_weight", "must be >= 0")
         _check(self.keep_checkpoints >= 0, "keep_checkpoints", f"{self.keep_checkpoints} is not >= 0 (0: keep all)")
+        _check(self.diverge_steps > 0, "diverge_steps", "must be positive")
+        _check(self.diverge_loss > 1, "diverge_loss", f"{self.diverge_loss} must be above 1 (a multiple of the mean)")
         _check(self.reading_weight == 0 or bool(self.model.reading_head), "reading_weight",
                f"{self.reading_weight} > 0 needs a reading head: set --model.reading_head=ROWS,COLS")
         self.model.validate()

@@ -1,8 +1,9 @@
 """The training engine — the only module that imports DeepSpeed.
 
     recipe + ds_config ─▶ model (pretrained init, freeze, activation checkpointing) ─▶ deepspeed.initialize
+    resume: every checkpoint file loaded weights-only (no unpickling); the loader continues where the run was
     loader (this rank's packed batches) ─▶ micro-steps: forward, non-finite guard, backward, engine.step
-    every N steps: metrics (JSONL + W&B), eval on val shards, checkpoint (engine state + every rank's loader/RNG)
+    every step: metrics (JSONL + W&B), divergence guard; every N: eval, checkpoint (engine + every rank's loader/RNG)
     end: checkpoint, export safetensors + config gathered from the (possibly ZeRO-3 partitioned) checkpoint
 
 Runs under the `deepspeed` launcher, torchrun, or as one plain python process (rank 0 of 1).
@@ -13,13 +14,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import pickle
 import random
 import re
 import shutil
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import deepspeed
@@ -29,7 +33,10 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import safe_get_full_grad
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from ocr_vlm import config, flops, recipe, weights
 from ocr_vlm.config import ConfigError, TrainConfig
@@ -44,6 +51,10 @@ from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
 from ocr_vlm.tracking import Tracker
 
 CHECKPOINTS = "checkpoints"
+# The only non-container, non-tensor types in a checkpoint this trainer resumes from, as listed by
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2, ZeRO-3 and ds_to_universal checkpoints
+# (DeepSpeed's optimizer state holds these; the client state is plain Python and tensors).
+CHECKPOINT_GLOBALS = [ZeroStageEnum, LossScaler, fragment_address]
 
 
 class TrainingError(RuntimeError):
@@ -65,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     _init_distributed()
     # On an exception this rank exits non-zero and the launcher stops the others; waiting for them here would hang.
-    Trainer(cfg, args.ds_config).run()
+    with _one_line_errors():
+        Trainer(cfg, args.ds_config).run()
     dist.barrier()
     dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
 
@@ -131,6 +143,7 @@ class Trainer:
         data = config.strict_overrides(cfg.data, [f"--batch_rows={cfg.micro_batch}"])
         self.loader = Loader(data, cfg.model, self.tokenizer_path, self.rank, self.world)
         self.step, self.samples_seen, self.train_seconds = 0, 0, 0.0
+        self.divergence = DivergenceGuard(cfg.diverge_steps, cfg.diverge_loss)
         self.read_samples = None          # (tokenizer, this rank's share of the pages eval_read reads back)
         self.tracker = Tracker(self.out, config.to_dict(cfg), enabled=self.rank == 0, use_wandb=cfg.wandb,
                                project=cfg.wandb_project, run_name=cfg.run_name, resume=self.resume_path is not None)
@@ -192,8 +205,12 @@ class Trainer:
                 for k, v in batch["counters"].items():
                     counters[k] = counters.get(k, 0) + v
             self.step += 1
-            self._log(torch.stack(losses).mean(0), lr, counters, skipped_micro, grad_norms,
-                      time.perf_counter() - started)
+            metrics = self._log(torch.stack(losses).mean(0), lr, counters, skipped_micro, grad_norms,
+                                time.perf_counter() - started)
+            # fp16's loss scaler skips overflowing steps itself (many in a row while it calibrates): not divergence.
+            scaler_skipped = self.engine.fp16_enabled() and not self.engine.was_step_applied()
+            self.divergence.check(self.step, metrics["loss"], None if scaler_skipped else metrics["grad_norm"],
+                                  self.cfg.lr)          # before any save or export
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 self.evaluate()
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
@@ -237,8 +254,9 @@ class Trainer:
         return torch.bfloat16 if self._bf16 else torch.float32
 
     def _log(self, losses: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
-             dt: float) -> None:
-        """`losses`: this rank's mean (cross-entropy, reading loss) over the step's micro-batches."""
+             dt: float) -> dict:
+        """`losses`: this rank's mean (cross-entropy, reading loss) over the step's micro-batches. Returns the step's
+        metrics, the same on every rank."""
         totals = torch.tensor([*losses.float().tolist(), counters.get("tokens", 0), counters.get("samples", 0),
                                counters.get("vision_samples", 0),
                                sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
@@ -267,6 +285,7 @@ class Trainer:
                   f"grad {grad} ({towers}) | dt {dt * 1000:.0f}ms | tok/s {metrics['tokens_per_s']:,.0f} | "
                   f"samples/s {metrics['samples_per_s']:.2f} | {mfu} | skipped {skipped}", flush=True)
         self.tracker.log(self.step, metrics)
+        return metrics
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.device)    # NCCL reduces device tensors only
@@ -371,19 +390,18 @@ class Trainer:
             return
         if not path.is_dir():
             raise TrainingError(f"resume: {path} is not a checkpoint directory")
-        loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        with _unpickling(path, "resume", "--trust_checkpoint=true loads it", trusted=self.cfg.trust_checkpoint):
+            loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise TrainingError(f"resume: DeepSpeed could not load {path}")
         self.step, self.samples_seen = client["step"], client.get("samples_seen", 0)
         self.train_seconds = client.get("train_seconds", 0.0)
         ranks = client["ranks"]
-        if len(ranks) == self.world:
-            self.loader.load_state_dict(ranks[self.rank]["loader"])
+        if self.loader.resume([r["loader"] for r in ranks]):
             _set_rng_state(ranks[self.rank]["rng"])
         else:
-            # A different world size re-partitions the data: continue with the next epoch of every stream.
-            self.loader.start_after(ranks)
-            self._print(f"resume: world size {len(ranks)} -> {self.world}; data restarts at the next epoch")
+            self._print(f"resume: {len(ranks)} rank(s) -> {self.world}; each epoch's unread samples are shared over "
+                        "the new ranks x workers")
         self.tracker.resume_at(self.step)
         self._print(f"resumed from {path} at step {self.step}")
 
@@ -410,6 +428,82 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+class DivergenceGuard:
+    """Stops a run whose steps no longer train: a gradient norm of exactly 0 (a huge lr saturates the softcapped
+    logits, which then pass no gradient back while the loss stays finite) or non-finite, or a loss above `ratio` x
+    its running mean. `patience` such steps in a row stop it, so one noisy batch does not."""
+
+    def __init__(self, patience: int, ratio: float):
+        self.patience, self.ratio = patience, ratio
+        self.in_a_row, self.mean = 0, None
+
+    def check(self, step: int, loss: float, grad_norm: float | None, lr: float) -> None:
+        why = self._diverged(loss, grad_norm)
+        if why is None:
+            self.in_a_row = 0
+            self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss   # over the last ~10 steps
+            return
+        self.in_a_row += 1
+        if self.in_a_row >= self.patience:
+            raise TrainingError(f"step {step}: training diverged ({why}, {self.in_a_row} steps in a row); the likely "
+                                f"cause is the learning rate (--lr={lr:g}): lower it or resume from an earlier "
+                                "checkpoint")
+
+    def _diverged(self, loss: float, grad_norm: float | None) -> str | None:
+        if grad_norm is not None and (grad_norm == 0 or not math.isfinite(grad_norm)):
+            return f"gradient norm {grad_norm}"
+        if self.mean is not None and loss > self.ratio * self.mean:
+            return f"loss {loss:.4f} above {self.ratio:g} x its running mean {self.mean:.4f}"
+        return None
+
+
+def to_universal(argv: list[str]) -> None:
+    """DeepSpeed's ds_to_universal (arguments as its own), with the resume's weights-only loading: converting a
+    checkpoint for another world size runs no code planted in it."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    sys.argv = ["ds_to_universal", *argv]
+    args = ds_to_universal.parse_arguments()
+    with _one_line_errors(), _unpickling(Path(args.input_folder), "to_universal",
+                                         "python -m deepspeed.checkpoint.ds_to_universal converts it", trusted=False):
+        ds_to_universal.main(args)
+
+
+@contextmanager
+def _one_line_errors():
+    """A TrainingError ends the process with its reason on one line and exit code 1, not a traceback."""
+    try:
+        yield
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+@contextmanager
+def _unpickling(path: Path, what: str, opt_out: str, trusted: bool):
+    """Every torch.load of a resume runs weights-only, allowing just CHECKPOINT_GLOBALS: DeepSpeed's engine and
+    universal-checkpoint loaders pass weights_only=False, which TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides at each call.
+    A file pickling anything else is refused before any of its objects is built."""
+    if trusted:
+        yield
+        return
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            yield
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))   # the first type outside the allow-list
+        holds = f"pickles {found.group(1)}" if found else "is not a weights-only checkpoint"
+        raise TrainingError(f"{what}: a file in {path} {holds}, which a checkpoint of this trainer never holds; "
+                            f"refused without unpickling ({opt_out} if you made it)") from None
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
 def engine_config(path: str, cfg: TrainConfig, world: int, on_gpu: bool) -> dict:
     """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in."""
     ds = json.loads(Path(path).read_text())
@@ -466,7 +560,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain Python and tensors only, so a resume loads it weights-only (numpy's key array would need numpy globals)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -474,7 +571,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])

@@ -130,20 +130,3 @@ def test_max_bytes_bounds_files_and_reruns_leave_only_indexed_shards(tmp_path, m
     (out / "foreign.tar").write_bytes(b"")
     with pytest.raises(ValueError, match="already holds other shards"):
         write_shards(records, out)
-
-
-def test_a_failed_write_leaves_the_previous_set_untouched(tmp_path, manifest):
-    pages, _ = manifest
-    out = tmp_path / "set"
-    shards_main(["write", "--manifest", str(pages), "--out", str(out), "--max-count", "3"])
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    (out / "NOTES.txt").write_text("mine")
-    lines = pages.read_text().splitlines()
-    bad = pages.parent / "late_bad.jsonl"                  # fails on line 6, after the first shards are written
-    bad.write_text("\n".join(lines[:5] + ["{oops"] + lines[5:]) + "\n")
-    with pytest.raises(SystemExit, match=r"late_bad\.jsonl:6"):
-        shards_main(["write", "--manifest", str(bad), "--out", str(out), "--max-count", "2"])
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "NOTES.txt"} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["set", "synth"]     # no staging directory left behind
-    shards_main(["write", "--manifest", str(pages), "--out", str(out), "--max-count", "5"])
-    assert (out / "NOTES.txt").read_text() == "mine" and json.loads((out / "index.json").read_text())["total"] == 12

@@ -97,7 +97,7 @@ def test_latest_points_at_the_final_checkpoint_and_export_reloads(zero2):
     assert (zero2 / "checkpoints" / "latest").read_text() == "step000008"
     model, cfg = load_exported(zero2 / "export")
     module = torch.load(zero2 / "checkpoints" / "step000008" / "mp_rank_00_model_states.pt",
-                        map_location="cpu", weights_only=False)["module"]      # our own checkpoint
+                        map_location="cpu", weights_only=True)["module"]   # nothing in it needs unpickling
     reference = type(model)(cfg)
     reference.load_state_dict(module)
     ids = torch.randint(0, 700, (1, 100))
@@ -116,15 +116,16 @@ def test_resume_reproduces_the_uninterrupted_loss_trace(zero2, tmp_path):
 
 def test_universal_checkpoint_resumes_two_ranks_on_one(zero2, tmp_path):
     universal = tmp_path / "step000008_universal"
-    run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+    run([sys.executable, "launch/to_universal.py", "--input_folder",
          str(zero2 / "checkpoints" / "step000008"), "--output_folder", str(universal)])
     out = tmp_path / "one_rank"
-    run([sys.executable, "launch/train.py", "--ds_config", "ds_configs/zero2.json", f"--output_dir={out}", *TINY_RUN,
-         "--global_batch=2", "--steps=11", f"--resume={universal}"])
+    log = run([sys.executable, "launch/train.py", "--ds_config", "ds_configs/zero2.json", f"--output_dir={out}",
+               *TINY_RUN, "--global_batch=2", "--steps=11", f"--resume={universal}"])
     before, after = losses(zero2), losses(out)
     assert sorted(after) == [9, 10, 11]
     assert all(loss < before[1] - 0.5 for loss in after.values())     # continues from trained weights
     assert after[11] < after[9]
+    assert "resume: 2 rank(s) -> 1; each epoch's unread samples are shared over the new ranks x workers" in log
 
 
 @pytest.fixture(scope="module")
@@ -199,21 +200,3 @@ def test_torchrun_launch(tmp_path):
     run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/train.py",
          "--ds_config", "ds_configs/zero2.json", f"--output_dir={tmp_path}", *TINY_RUN, "--steps=2"])
     assert sorted(losses(tmp_path)) == [1, 2]
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--ds_config", "ds_configs/nope.json"], "--ds_config: ds_configs/nope.json does not exist"),
-    (["--data.shards=/nowhere/shards"], "data.shards: shards: /nowhere/shards does not exist"),
-    (["--data.shards=ocr_vlm"], "data.shards: shards: 'ocr_vlm' names no .tar files"),
-    (["--global_batch=3", "--micro_batch=2"], "global_batch: 3 is not a multiple of micro_batch=2"),
-    (["--lr=nan"], "lr: nan is not a positive finite number"),
-    (["--lr=0"], "lr: 0.0 is not a positive finite number"),
-    (["--resume=/nowhere/step000004"],
-     "resume: /nowhere/step000004 is not a checkpoint directory (no mp_rank_00_model_states.pt)"),
-])
-def test_bad_input_is_one_line_before_any_model_is_built(tmp_path, args, message):
-    cmd = [sys.executable, "launch/train.py", *([] if "--ds_config" in args else ["--ds_config", "ds_configs/zero2.json"]),
-           f"--output_dir={tmp_path}", *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"error: {message}"
-    assert "Traceback" not in result.stderr and not (tmp_path / "metrics.jsonl").exists()

@@ -3,7 +3,8 @@
 Each DataLoader worker of each rank owns one slot of the sample streams (see stream.py) and builds whole batches.
 Rows hold several samples: each starts at <|bos|> with rotary positions restarting at 0, and `doc_ids` tells the
 model which tokens may attend to which (causal within a sample, never across). A batch carries the position of the
-first sample it did *not* take, so `Loader.state_dict()` resumes at exactly the next sample on every rank.
+first sample it did *not* take, so `Loader.state_dict()` resumes at exactly the next sample on every rank, and
+`Loader.start_after()` continues on another world size with no sample of an epoch repeated or skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ocr_vlm.config import DataConfig, VLMConfig
 from ocr_vlm.data.shards import with_response
-from ocr_vlm.data.stream import SampleStream, ShardSet, Skipped
+from ocr_vlm.data.stream import Origin, SampleStream, ShardSet, Skipped
 from ocr_vlm.image import ImageError, load_pixels
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.reading import reading_targets
@@ -28,6 +29,8 @@ from ocr_vlm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+STREAMS = ("vision", "text")
+FRESH = {"mixed": 0, "vision": (0, 0), "text": (0, 0)}     # a worker's stream state before its first sample
 
 
 @dataclass
@@ -92,9 +95,10 @@ class PackedBatches(IterableDataset):
     """Runs inside each DataLoader worker: one slot's examples packed into (batch_rows, seq_len) batches."""
 
     def __init__(self, data: DataConfig, vlm: VLMConfig, tokenizer_path: str, rank: int, world: int,
-                 worker_states: dict[int, dict], worker_offset: int, finite: bool = False):
+                 worker_states: dict[int, dict], worker_offset: int, finite: bool, origins: dict[str, Origin | None]):
         self.data, self.vlm, self.tokenizer_path = data, vlm, tokenizer_path
         self.rank, self.world, self.states, self.offset, self.finite = rank, world, worker_states, worker_offset, finite
+        self.origins = origins
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -107,16 +111,17 @@ class PackedBatches(IterableDataset):
     def _examples(self, tokenizer: Tokenizer, slot: int, slots: int, logical: int) -> Iterator[Example | tuple]:
         """Examples in stream order; unreadable samples come out as (reason, where, count) to be counted."""
         d = self.data
-        state = self.states.get(logical, {"mixed": 0, "vision": (0, 0), "text": (0, 0)})
+        state = self.states.get(logical, FRESH)
         buffer = 0 if self.finite else d.shuffle_buffer
-        streams = {"vision": SampleStream(ShardSet.from_spec(d.shards), slot, slots, d.seed, buffer, state["vision"])}
+        streams = {"vision": SampleStream(ShardSet.from_spec(d.shards), slot, slots, d.seed, buffer, state["vision"],
+                                          self.origins["vision"])}
         if d.text_ratio > 0:
             streams["text"] = SampleStream(ShardSet.from_spec(d.text_shards), slot, slots, d.seed + 1, buffer,
-                                           state["text"])
+                                           state["text"], self.origins["text"])
         iters = {name: iter(s) for name, s in streams.items()}
         positions = {"vision": tuple(state["vision"]), "text": tuple(state["text"])}
         mixed = state["mixed"]
-        passes = {name: Pass(*position) for name, position in positions.items()}
+        passes = {name: Pass.at(streams[name], *positions[name]) for name in streams}
         warned: set[str] = set()
         while True:
             source = "text" if "text" in iters and _draw(d.seed, slot, mixed) < d.text_ratio else "vision"
@@ -126,7 +131,7 @@ class PackedBatches(IterableDataset):
                 return
             if epoch != passes[source].epoch:
                 passes[source].check(f"{source} shards {streams[source].shards.urls}", slot, slots)
-                passes[source] = Pass(epoch, k)
+                passes[source] = Pass.at(streams[source], epoch, k)
             positions[source], mixed = (epoch, k + 1), mixed + 1
             if isinstance(item, Skipped):
                 passes[source].skipped[item.reason] += item.count
@@ -210,14 +215,19 @@ class UnreadableData(RuntimeError):
 
 @dataclass
 class Pass:
-    """One slot's progress through one epoch of a stream: a full pass with nothing readable is an error."""
+    """One slot's progress through one epoch of a stream: a whole share read with nothing readable is an error."""
     epoch: int
-    start: int                        # position the pass began at (0 unless resumed mid-epoch)
+    whole: bool                       # reads the slot's whole share of a fresh epoch (not resumed mid-way, nor the
+                                      # few samples a resume on other slots left of an epoch: those may all be bad)
     readable: int = 0
     skipped: Counter = field(default_factory=Counter)
 
+    @classmethod
+    def at(cls, stream: SampleStream, epoch: int, k: int) -> "Pass":
+        return cls(epoch, whole=k == 0 and stream.fresh(epoch))
+
     def check(self, what: str, slot: int, slots: int) -> None:
-        if self.start == 0 and self.readable == 0:
+        if self.whole and self.readable == 0:
             raise UnreadableData(f"slot {slot} of {slots} (rank x worker) read its whole share of epoch {self.epoch} of "
                                  f"{what} and found no usable sample; skipped by reason: {dict(self.skipped)}")
 
@@ -236,11 +246,12 @@ class Loader:
         self.rank, self.world, self.finite = rank, world, finite
         self.batches = 0
         self.worker_states: dict[int, dict] = {}
+        self.origins: dict[str, Origin | None] = dict.fromkeys(STREAMS)   # set by a resume on another world size
 
     def __iter__(self) -> Iterator[dict]:
         workers = max(1, self.data.num_workers)
         dataset = PackedBatches(self.data, self.vlm, self.tokenizer_path, self.rank, self.world,
-                                dict(self.worker_states), self.batches % workers, self.finite)
+                                dict(self.worker_states), self.batches % workers, self.finite, self.origins)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, worker_init_fn=_single_thread,
                             prefetch_factor=2 if self.data.num_workers else None, pin_memory=torch.cuda.is_available())
         for batch in loader:
@@ -252,16 +263,33 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "workers": {str(k): v for k, v in self.worker_states.items()},
-                "rank": self.rank, "world": self.world}
+                "rank": self.rank, "world": self.world, "num_workers": self._slots_per_rank,
+                "origins": {name: o.to_dict() if o else None for name, o in self.origins.items()}}
 
-    def start_after(self, rank_states: list[dict]) -> None:
-        """Resume on a different world size: slots no longer match, so every stream starts its next epoch."""
-        workers = [w for r in rank_states for w in r["loader"]["workers"].values()]
-        vision = max((w["vision"][0] for w in workers), default=-1) + 1
-        text = max((w["text"][0] for w in workers), default=-1) + 1
+    def resume(self, states: list[dict]) -> bool:
+        """Continue from every rank's `state_dict()`: exactly where this rank was when the ranks and workers are the
+        same (True), else by sharing out what the old ones had not read (False)."""
+        # A checkpoint from before the worker count was recorded had the one it resumes with, or no exact resume.
+        if len(states) == self.world and states[0].get("num_workers", self._slots_per_rank) == self._slots_per_rank:
+            self.load_state_dict(states[self.rank])
+            return True
+        self.start_after(states)
+        return False
+
+    @property
+    def _slots_per_rank(self) -> int:
+        return max(1, self.data.num_workers)
+
+    def start_after(self, states: list[dict]) -> None:
+        """Resume from every rank's `state_dict()` of a run on another world size (or worker count): each stream
+        continues from the old slots' positions (stream.py's Origin), so no sample of an epoch is repeated or skipped."""
+        workers = states[0]["num_workers"]
+        old = [states[r]["workers"].get(str(w), FRESH) for r in range(len(states)) for w in range(workers)]
+        self.origins = {name: Origin(len(old), tuple(tuple(w[name]) for w in old),
+                                     Origin.from_dict(states[0]["origins"][name])) for name in STREAMS}
         self.batches = 0
-        self.worker_states = {k: {"mixed": 0, "vision": (vision, 0), "text": (text, 0)}
-                              for k in range(max(1, self.data.num_workers))}
+        self.worker_states = {k: {"mixed": 0, **{name: (o.first_epoch, 0) for name, o in self.origins.items()}}
+                              for k in range(self._slots_per_rank)}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["rank"], state["world"]) != (self.rank, self.world):
@@ -270,6 +298,8 @@ class Loader:
         self.batches = state["batches"]
         self.worker_states = {int(k): {"mixed": v["mixed"], "vision": tuple(v["vision"]), "text": tuple(v["text"])}
                               for k, v in state["workers"].items()}
+        # A checkpoint from before world-size changes were tracked never had one: its streams have no origin.
+        self.origins = {name: Origin.from_dict(state.get("origins", {}).get(name)) for name in STREAMS}
 
 
 def _single_thread(_worker_id: int) -> None:

@@ -7,10 +7,16 @@ no rank runs dry while another still has data: at the end of its range a slot ro
 
 A slot's position is (epoch, samples consumed in that epoch). Everything downstream is a pure function of the seed,
 so resuming replays the slot's range from its start (reading tar bytes, decoding nothing) and drops what was consumed.
+
+Slots move through epochs at their own pace, so a resume on another number of slots starts from an `Origin`: the old
+slot count and every old slot's position, which say exactly which samples of each epoch were consumed. Until the
+first epoch no old slot had begun, each epoch's *remaining* samples are split over the new slots as a fresh epoch is;
+after that, epochs split as usual. No sample of an epoch is repeated or skipped across the change.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -30,6 +36,7 @@ class Skipped:
     reason: str
     where: str
     count: int = 1
+    first: int = 0             # index in the tar `where` of the first of the `count` samples
 
 
 @dataclass
@@ -76,13 +83,96 @@ def slot_ranges(shards: ShardSet, slot: int, slots: int, epoch: int, seed: int) 
     """The (shard, start, stop) pieces of this slot's contiguous share of the epoch's permuted sample sequence."""
     order = list(range(len(shards.urls)))
     random.Random(f"shards/{seed}/{epoch}").shuffle(order)
-    lo, hi = slot * shards.total // slots, (slot + 1) * shards.total // slots
-    pieces, offset = [], 0
-    for i in order:
-        start, stop = max(lo, offset), min(hi, offset + shards.counts[i])
-        if start < stop:
-            pieces.append((shards.urls[i], start - offset, stop - offset))
-        offset += shards.counts[i]
+    return _share([(shards.urls[i], 0, shards.counts[i]) for i in order], slot, slots)
+
+
+def _share(pieces: list[tuple[str, int, int]], slot: int, slots: int) -> list[tuple[str, int, int]]:
+    """This slot's contiguous, equal-sized (±1) range of the samples the pieces hold, laid end to end."""
+    total = sum(stop - start for _, start, stop in pieces)
+    lo, hi = slot * total // slots, (slot + 1) * total // slots
+    share, offset = [], 0
+    for url, start, stop in pieces:
+        a, b = max(lo, offset), min(hi, offset + stop - start)
+        if a < b:
+            share.append((url, start + a - offset, start + b - offset))
+        offset += stop - start
+    return share
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a run on another number of slots stopped: one (epoch, consumed) position per old slot, and the origin
+    that run itself resumed from (None for a run that started fresh)."""
+    slots: int
+    positions: tuple[tuple[int, int], ...]
+    before: "Origin | None" = None
+
+    @property
+    def first_epoch(self) -> int:
+        """The earliest epoch some sample of which was not consumed: where the new slots start."""
+        return min(epoch for epoch, _ in self.positions)
+
+    @property
+    def fresh_epoch(self) -> int:
+        """The first epoch no old slot (nor any slot before them) had begun: from here on epochs split as usual."""
+        fresh = max(epoch + (consumed > 0) for epoch, consumed in self.positions)
+        return max(fresh, self.before.fresh_epoch) if self.before else fresh
+
+    def remaining(self, shards: ShardSet, epoch: int, seed: int, buffer: int) -> list[tuple[str, int, int]]:
+        """The samples of `epoch` no old slot consumed, as pieces in the old slots' order."""
+        pieces = []
+        for slot, (at, consumed) in enumerate(self.positions):
+            if epoch < at:
+                continue                     # this slot finished its share of the epoch
+            share = epoch_pieces(shards, slot, self.slots, epoch, seed, buffer, self.before)
+            if epoch == at and consumed:
+                # Which samples the first `consumed` were depends on the slot's shuffle: replay it (reading tar bytes).
+                stream = SampleStream(shards, slot, self.slots, seed, buffer, (epoch, 0), self.before)
+                taken = {m for item, _ in itertools.islice(stream, consumed) for m in _members(item)}
+                share = _runs([(url, i) for url, start, stop in share for i in range(start, stop)
+                               if (url, i) not in taken])
+            pieces += share
+        return pieces
+
+    def to_dict(self) -> dict:
+        return {"slots": self.slots, "positions": [list(p) for p in self.positions],
+                "before": self.before.to_dict() if self.before else None}
+
+    @classmethod
+    def from_dict(cls, state: dict | None) -> "Origin | None":
+        if state is None:
+            return None
+        return cls(state["slots"], tuple(tuple(p) for p in state["positions"]), cls.from_dict(state["before"]))
+
+
+def epoch_pieces(shards: ShardSet, slot: int, slots: int, epoch: int, seed: int, buffer: int,
+                 origin: Origin | None) -> list[tuple[str, int, int]]:
+    """The (shard, start, stop) pieces a slot reads in an epoch (before its shuffle buffer)."""
+    if fresh(origin, epoch):
+        return slot_ranges(shards, slot, slots, epoch, seed)
+    return _share(origin.remaining(shards, epoch, seed, buffer), slot, slots)
+
+
+def fresh(origin: Origin | None, epoch: int) -> bool:
+    """Whether the slots split all of `epoch` (not the remainder a run on other slots left of it)."""
+    return origin is None or epoch >= origin.fresh_epoch
+
+
+def _members(item: "dict | Skipped") -> list[tuple[str, int]]:
+    """The (shard, index) of the samples a stream item stands for."""
+    if isinstance(item, Skipped):
+        return [(item.where, i) for i in range(item.first, item.first + item.count)]
+    return [(item["__url__"], item["__index__"])]
+
+
+def _runs(members: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """(shard, index) pairs as (shard, start, stop) pieces, consecutive indices of a shard merged into one."""
+    pieces: list[tuple[str, int, int]] = []
+    for url, i in members:
+        if pieces and pieces[-1][0] == url and pieces[-1][2] == i:
+            pieces[-1] = (url, pieces[-1][1], i + 1)
+        else:
+            pieces.append((url, i, i + 1))
     return pieces
 
 
@@ -90,11 +180,14 @@ class SampleStream:
     """One slot's samples, epoch after epoch; yields (item, position before the item) forever."""
 
     def __init__(self, shards: ShardSet, slot: int, slots: int, seed: int, shuffle_buffer: int,
-                 position: tuple[int, int] = (0, 0)):
+                 position: tuple[int, int] = (0, 0), origin: Origin | None = None):
         if shards.total < slots:
             raise ValueError(f"shards: {shards.total} samples cannot feed {slots} rank x worker slots")
         self.shards, self.slot, self.slots, self.seed, self.buffer = shards, slot, slots, seed, shuffle_buffer
-        self.position = tuple(position)
+        self.position, self.origin = tuple(position), origin
+
+    def fresh(self, epoch: int) -> bool:
+        return fresh(self.origin, epoch)
 
     def __iter__(self) -> Iterator[tuple[dict | Skipped, tuple[int, int]]]:
         epoch, consumed = self.position
@@ -107,7 +200,7 @@ class SampleStream:
 
     def _epoch_items(self, epoch: int) -> Iterator[dict | Skipped]:
         rng = random.Random(f"samples/{self.seed}/{epoch}/{self.slot}")
-        pieces = slot_ranges(self.shards, self.slot, self.slots, epoch, self.seed)
+        pieces = epoch_pieces(self.shards, self.slot, self.slots, epoch, self.seed, self.buffer, self.origin)
         raw = (item for url, start, stop in pieces for item in _read_range(url, start, stop))
         # Shuffle raw bytes, not decoded images: the buffer stays small, and resume replays it without decoding.
         return wds.shuffle(self.buffer, initial=self.buffer, rng=rng)(raw) if self.buffer > 1 else raw
@@ -128,9 +221,10 @@ def _read_range(url: str, start: int, stop: int) -> Iterator[dict | Skipped]:
             break
         if k >= start:
             delivered += 1
+            sample["__index__"] = k          # which sample it is, should a resume on other slots ask
             yield sample
     samples.close()
     if delivered < stop - start:
         log.warning("shard %s: %d of its samples unreadable (%s)", url, stop - start - delivered,
                     errors[0] if errors else "tar ends early")
-        yield Skipped("truncated_tar", url, stop - start - delivered)
+        yield Skipped("truncated_tar", url, stop - start - delivered, first=start + delivered)
