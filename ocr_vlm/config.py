@@ -22,6 +22,10 @@ RESOLUTION_MODES = {
     "base": (1024, "pad"),
     "large": (1280, "pad"),
 }
+# Gundam: the Base-style global view plus 640-px tiles of the stretched page (reference/deepencoder.md §1.5-1.6).
+# Sizes follow SAM's pretrained side (1024 at d20, 256 at tiny), so the tiny preset keeps the same rules at 256/160.
+GUNDAM = "gundam"
+GUNDAM_TILE = 640 / 1024          # tile side per global side
 
 
 @dataclass
@@ -79,6 +83,9 @@ class VLMConfig:
     image_resize: str = "pad"     # "pad" (aspect kept, grey 127) or "resize" (stretch)
     image_token_id: int = 65536   # <|image|>: appended after the tokenizer's own vocabulary
     reading_head: tuple[int, ...] = ()   # (rows, cols) CTC sub-frames per vision token; () = no reading head
+    tile_size: int = 0            # Gundam's local tile side (0: fixed mode, global view only)
+    min_crops: int = 2            # Gundam tile grids hold min_crops..max_crops tiles (the paper trained up to 9)
+    max_crops: int = 6
 
     @property
     def vision_grid(self) -> int:
@@ -86,15 +93,47 @@ class VLMConfig:
         return self.image_size // self.sam.patch_size // 4
 
     @property
+    def tile_grid_side(self) -> int:
+        """Side of one Gundam tile's token grid (10 at d20's 640 px)."""
+        return self.tile_size // self.sam.patch_size // 4
+
+    @property
     def image_tokens(self) -> int:
-        """Embeddings one image puts into the sequence: each row + newline, then the separator."""
-        g = self.vision_grid
-        return g * (g + 1) + 1
+        """Embeddings of the global view: each row + newline, then the separator (a whole image in fixed modes)."""
+        return self.image_tokens_for((1, 1))
+
+    def image_tokens_for(self, grid: tuple[int, int]) -> int:
+        """Embeddings of an image cut into `grid` = (w_t, h_t) tiles ((1, 1): none): the tiles stitched into one
+        grid of 10·h_t rows of 10·w_t tokens, each row + newline, then the global view."""
+        w, h = grid
+        t, g = self.tile_grid_side, self.vision_grid
+        local = 0 if (w, h) == (1, 1) else t * h * (t * w + 1)
+        return local + g * (g + 1) + 1
+
+    def tile_grids(self) -> list[tuple[int, int]]:
+        """Every grid an image may get: (1, 1) (no tiles), plus the tile grids in InternVL's candidate order
+        (sorted by tile count; image.tile_grid's tie rule depends on it)."""
+        if not self.tile_size:
+            return [(1, 1)]
+        n, m = self.min_crops, self.max_crops
+        grids = {(i, j) for k in range(n, m + 1) for i in range(1, k + 1) for j in range(1, k + 1) if n <= i * j <= m}
+        return [(1, 1)] + sorted(grids, key=lambda ij: ij[0] * ij[1])
+
+    @property
+    def max_image_tokens(self) -> int:
+        """The most embeddings one image can take (image_tokens in fixed modes)."""
+        return max(self.image_tokens_for(grid) for grid in self.tile_grids())
 
     def set_mode(self, mode: str) -> None:
+        if mode == GUNDAM:
+            self.image_size, self.image_resize = self.sam.image_size, "pad"
+            self.tile_size = round(self.sam.image_size * GUNDAM_TILE)
+            return
         if mode not in RESOLUTION_MODES:
-            raise ConfigError(f"mode: unknown resolution mode {mode!r}; choose from {sorted(RESOLUTION_MODES)}")
+            raise ConfigError(f"mode: unknown resolution mode {mode!r}; choose from {sorted(RESOLUTION_MODES)} "
+                              f"or {GUNDAM}")
         self.image_size, self.image_resize = RESOLUTION_MODES[mode]
+        self.tile_size = 0
 
     def validate(self) -> "VLMConfig":
         s, c, g = self.sam, self.clip, self.gpt
@@ -119,8 +158,12 @@ class VLMConfig:
                f"{self.image_token_id} is outside the vocabulary of gpt.vocab_size={g.vocab_size}")
         _check(len(self.reading_head) in (0, 2) and all(n > 0 for n in self.reading_head), "reading_head",
                f"{self.reading_head} is not () or (rows, cols) of positive sub-frames per vision token")
-        _check(g.sequence_len > self.image_tokens, "gpt.sequence_len",
-               f"{g.sequence_len} leaves no room for text after {self.image_tokens} image embeddings")
+        _check(self.tile_size % (s.patch_size * 4) == 0, "tile_size",
+               f"{self.tile_size} is not a multiple of sam.patch_size*4 = {s.patch_size * 4}")
+        _check(self.min_crops >= 2, "min_crops", f"{self.min_crops} is below 2 (a 1x1 grid means no tiles)")
+        _check(self.max_crops >= self.min_crops, "max_crops", f"{self.max_crops} is below min_crops={self.min_crops}")
+        _check(g.sequence_len > self.max_image_tokens, "gpt.sequence_len",
+               f"{g.sequence_len} leaves no room for text after {self.max_image_tokens} image embeddings")
         return self
 
 
@@ -169,7 +212,7 @@ class DataConfig:
     text_ratio: float = 0.0       # fraction of samples drawn from text_shards (stage 2: 0.1)
     seq_len: int = 4096           # tokens per packed row (images count as their embeddings)
     batch_rows: int = 1           # packed rows per micro-batch: DeepSpeed's train_micro_batch_size_per_gpu
-    max_images: int = 0           # images per micro-batch at most (0: no cap): they all go through the towers at once
+    max_images: int = 0           # views per micro-batch at most (0: no cap; a Gundam page is its tiles + 1): they all go through the towers at once
     num_workers: int = 2          # DataLoader worker processes per rank
     shuffle_buffer: int = 1000    # raw samples held for shuffling in each worker
     seed: int = 0
@@ -246,8 +289,13 @@ class TrainConfig:
                f"{self.reading_weight} > 0 needs a reading head: set --model.reading_head=ROWS,COLS")
         self.model.validate()
         self.data.validate()
-        _check(self.data.seq_len > self.model.image_tokens, "data.seq_len",
-               f"{self.data.seq_len} cannot hold one image's {self.model.image_tokens} embeddings")
+        m = self.model
+        _check(self.data.seq_len > m.max_image_tokens, "data.seq_len",
+               f"{self.data.seq_len} cannot hold one image's {m.max_image_tokens} embeddings")
+        # The cap counts views (a Gundam page is its tiles + 1 global view), so it must hold the largest page.
+        _check(self.data.max_images == 0 or self.data.max_images >= 1 + (m.max_crops if m.tile_size else 0),
+               "data.max_images", f"{self.data.max_images} cannot hold one Gundam page of up to "
+               f"model.max_crops={m.max_crops} tiles + its global view")
         return self
 
 

@@ -1,4 +1,8 @@
-"""Image processing as DeepSeek-OCR does it: decode, EXIF transpose, RGB, pad (or stretch) to a square, normalise.
+"""Image processing as DeepSeek-OCR does it: decode, EXIF transpose, RGB, pad (or stretch) to a square, normalise;
+in Gundam mode also cut the stretched page into tiles (`load_views`).
+
+    python -m ocr_vlm.image layout --mode=gundam [--max_crops=N] [--preset=d20] 2480x3508 [...]
+        -> per size: `WIDTHxHEIGHT tiles W_TxH_T embeddings N`, what the page costs in the sequence
 
 The resize is DeepSeek-OCR's PIL bicubic (`ImageOps.pad`, `Image.resize`); `fit_square` keeps that path as the
 definition. `load_pixels` runs the same filter through torch's antialiased uint8 kernel (`fit_square_pixels`), 3x
@@ -10,14 +14,19 @@ Every failure a user's file can cause — truncated bytes, an unknown format, a 
 
 from __future__ import annotations
 
+import argparse
 import io
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ocr_vlm import config
+from ocr_vlm.config import VLMConfig
 
 PAD_COLOR = (127, 127, 127)   # int(0.5 * 255): the normalisation mean, so padding is ~0 after normalising
 MEAN = STD = 0.5
@@ -143,3 +152,83 @@ def load_pixels(source: bytes | str | Path | Image.Image, size: int, resize: str
 def process_image(source: bytes | str | Path | Image.Image, size: int, resize: str = "pad") -> torch.Tensor:
     """The (3, size, size) float tensor the encoder takes."""
     return normalize(load_pixels(source, size, resize))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gundam: a global view plus tiles of the page (reference/deepencoder.md §1.6, InternVL's dynamic_preprocess).
+
+class Views(NamedTuple):
+    """What one image becomes: the global view (3, S, S), its tiles (n, 3, t, t) row-major, and the tile grid
+    (w_t, h_t); (1, 1) means no tiles (every fixed mode, and Gundam pages within one tile)."""
+    global_view: torch.Tensor
+    tiles: torch.Tensor
+    grid: tuple[int, int]
+
+
+def tile_grid(width: int, height: int, cfg: VLMConfig) -> tuple[int, int]:
+    """The (w_t, h_t) tile grid of a width x height page: (1, 1) when both sides fit one tile, else the candidate
+    whose aspect w_t/h_t is closest to the page's; on a tie the later (larger) grid when the page's area exceeds half
+    of the grid's at tile_size per tile."""
+    t = cfg.tile_size
+    if not t or (width <= t and height <= t):
+        return (1, 1)
+    aspect, best, best_diff = width / height, (1, 1), float("inf")
+    for w, h in cfg.tile_grids()[1:]:
+        diff = abs(aspect - w / h)
+        if diff < best_diff:
+            best, best_diff = (w, h), diff
+        elif diff == best_diff and width * height > 0.5 * t * t * w * h:
+            best = (w, h)
+    return best
+
+
+def cut_tiles(pixels: torch.Tensor, grid: tuple[int, int], tile: int) -> torch.Tensor:
+    """(3, H, W) uint8 page -> (w_t·h_t, 3, tile, tile): stretched to (tile·w_t, tile·h_t), cut row-major."""
+    w, h = grid
+    page = bicubic(pixels, tile * h, tile * w)
+    return page.view(3, h, tile, w, tile).permute(1, 3, 0, 2, 4).reshape(w * h, 3, tile, tile)
+
+
+def load_views(source: bytes | str | Path | Image.Image, cfg: VLMConfig) -> Views:
+    """Decode (if needed) and make every view of one image the model reads, as uint8."""
+    image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
+    pixels = pixels_view(image)
+    grid = tile_grid(image.width, image.height, cfg)
+    tiles = cut_tiles(pixels, grid, cfg.tile_size) if grid != (1, 1) else \
+        torch.zeros(0, 3, cfg.tile_size, cfg.tile_size, dtype=torch.uint8)
+    return Views(fit_square_pixels(pixels, cfg.image_size, cfg.image_resize), tiles, grid)
+
+
+def layout_main(argv: list[str] | None = None) -> None:
+    """What a page will cost: its tile grid and embedding count in the chosen mode."""
+    parser = argparse.ArgumentParser(prog="python -m ocr_vlm.image layout", description=layout_main.__doc__)
+    parser.add_argument("--mode", default="base", help=f"{', '.join(config.RESOLUTION_MODES)} or {config.GUNDAM}")
+    parser.add_argument("--max_crops", type=int, help="Gundam's most tiles per page (default 6; the paper: 9)")
+    parser.add_argument("--preset", default="d20", choices=sorted(config.PRESETS))
+    parser.add_argument("sizes", nargs="+", metavar="WIDTHxHEIGHT")
+    args = parser.parse_args(argv)
+    cfg = config.preset(args.preset)
+    try:
+        cfg.set_mode(args.mode)
+        if args.max_crops is not None:
+            cfg.max_crops = args.max_crops
+        cfg.validate()
+    except config.ConfigError as e:
+        parser.error(str(e))
+    for size in args.sizes:
+        try:
+            width, height = (int(n) for n in size.lower().split("x"))
+        except ValueError:
+            parser.error(f"size: {size!r} is not WIDTHxHEIGHT")
+        if width < 1 or height < 1:
+            parser.error(f"size: {size!r} must be positive")
+        grid = tile_grid(width, height, cfg)
+        print(f"{width}x{height} tiles {grid[0]}x{grid[1]} embeddings {cfg.image_tokens_for(grid)}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["layout"]:
+        raise SystemExit("usage: python -m ocr_vlm.image layout --mode=MODE [--max_crops=N] WIDTHxHEIGHT [...]")
+    layout_main(sys.argv[2:])
