@@ -1,4 +1,5 @@
-"""Generation: prefill the prompt with its image (vision embeddings computed once), then decode with a KV cache.
+"""Generation: prefill the prompt with its image (vision embeddings computed once, Gundam tiles included), then decode
+with a KV cache.
 
 Prompts of different lengths share a batch by left padding: padded keys are masked and each row's rotary
 positions start at its first real token, so a row generates exactly what it would alone. Tokens the model must
@@ -22,19 +23,26 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], pixels: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int = 0, use_cache: bool = True) -> list[str]:
-        """One response per prompt; `pixels` holds the prompts' images in order, normalised (N, 3, S, S).
+                 top_k: int | None = None, seed: int = 0, use_cache: bool = True, tiles: torch.Tensor | None = None,
+                 grids: torch.Tensor | None = None) -> list[str]:
+        """One response per prompt; `pixels` holds the prompts' images in order, normalised (N, 3, S, S); in Gundam
+        mode `tiles` (M, 3, t, t) all their tiles in order, normalised, and `grids` (N, 2) each image's tile grid.
 
         `use_cache=False` recomputes the whole sequence at every step (the reference the cache is tested against).
         """
         model, gpt, device = self.model, self.model.gpt, self.model.gpt.lm_head.weight.device
-        rows = [self.tokenizer.render_prompt(p, model.cfg.image_tokens) for p in prompts]
+        dtype = gpt.lm_head.weight.dtype
+        tiled = tiles is not None and len(tiles) > 0
+        counts = [model.cfg.image_tokens_for(tuple(g)) for g in grids.tolist()] if tiled else \
+            [model.cfg.image_tokens] * len(prompts)
+        rows = [self.tokenizer.render_prompt(p, n) for p, n in zip(prompts, counts)]
         width = max(map(len, rows))
         ids = torch.tensor([[self.tokenizer.bos_id] * (width - len(r)) + r for r in rows], device=device)
         valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
         positions = (valid.cumsum(1) - 1).clamp(min=0)
         padded = bool((~valid).any())          # without padding, decoding needs no mask at all (the fast path)
-        x = model.embed(ids, model.vision_tokens(pixels.to(device, gpt.lm_head.weight.dtype)))
+        x = model.embed(ids, model.vision_tokens(pixels.to(device, dtype)),
+                        model.vision_tokens(tiles.to(device, dtype)) if tiled else None, grids if tiled else None)
         cache = KVCache(gpt.cfg, len(rows), width + max_new_tokens, device, x.dtype) if use_cache else None
         h = gpt.hidden(x, positions, key_valid=valid, cache=cache)
         generator = torch.Generator(device=device).manual_seed(seed)

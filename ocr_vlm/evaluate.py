@@ -1,7 +1,7 @@
 """Evaluate an exported model on shards: loss, greedy output and OCR metrics per sample, a vision-collapse check,
 and a report people can look at (report.json, a self-contained report.html, loss.png from the run's metrics).
 
-    python -m ocr_vlm.evaluate --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval
+    python -m ocr_vlm.evaluate --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval [--mode=gundam]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ocr_vlm.data.loader import IMAGE_EXTENSIONS, BadSample, decode
 from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.diagnostics import VisionShare, verdict
 from ocr_vlm.engine import Engine
-from ocr_vlm.image import load_image, normalize
+from ocr_vlm.image import add_mode_arguments, apply_mode, load_image, normalize, stack_views
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.tokenizer import Tokenizer
 from ocr_vlm.weights import load_exported
@@ -57,7 +57,7 @@ def word_recall(prediction: str, reference: str) -> float:
 
 def load_samples(shards: str, tokenizer: Tokenizer, cfg, limit: int | None = None) -> tuple[list[dict], dict]:
     """The vision samples of `shards` in order (at most `limit`), each with its prompt, expected text, token ids,
-    loss mask, pixels and image bytes; and the count of unreadable samples by reason."""
+    loss mask, image views and image bytes; and the count of unreadable samples by reason."""
     samples, skipped = [], {}
     # Every rank reads every sample here (a trainer splits the list itself), so no node splitting.
     for raw in wds.WebDataset(ShardSet.from_spec(shards).urls, shardshuffle=False, empty_check=False, nodesplitter=None):
@@ -68,11 +68,11 @@ def load_samples(shards: str, tokenizer: Tokenizer, cfg, limit: int | None = Non
         except BadSample as e:
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
             continue
-        if sample.pixels is None:
+        if sample.views is None:
             continue                                   # text-only samples have nothing to read
         image = next(raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw)
         samples.append({"key": raw["__key__"], "prompt": sample.prompt, "expected": sample.response,
-                        "ids": sample.ids, "mask": sample.mask, "pixels": sample.pixels, "image": image})
+                        "ids": sample.ids, "mask": sample.mask, "views": sample.views, "image": image})
     return samples, skipped
 
 
@@ -82,16 +82,19 @@ def read_back(model, tokenizer: Tokenizer, samples: list[dict], max_new_tokens: 
     engine, outputs = Engine(model, tokenizer), []
     for start in tqdm(range(0, len(samples), batch_size), desc="reading", unit="batch", disable=not progress or None):
         chunk = samples[start:start + batch_size]
-        pixels = normalize(torch.stack([s["pixels"] for s in chunk]))
-        outputs += engine.generate([s["prompt"] for s in chunk], pixels, max_new_tokens=max_new_tokens)
+        pixels, tiles, grids = stack_views([s["views"] for s in chunk], model.cfg)
+        outputs += engine.generate([s["prompt"] for s in chunk], normalize(pixels), max_new_tokens=max_new_tokens,
+                                   tiles=normalize(tiles), grids=grids)
     return outputs
 
 
 def sample_loss(model, sample: dict, pixels: torch.Tensor) -> float:
-    """Mean cross-entropy of the sample's response given `pixels` (1, 3, S, S) as its image."""
+    """Mean cross-entropy of the sample's response given `pixels` (1, 3, S, S) as its global view (Gundam tiles: the
+    sample's own, their count is fixed by its placeholders)."""
     ids = torch.tensor([sample["ids"][:-1]])
     targets = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(sample["ids"][1:], sample["mask"][1:])]])
-    return model(ids, targets=targets, pixel_values=pixels).item()
+    _, tiles, grids = stack_views([sample["views"]], model.cfg)
+    return model(ids, targets=targets, pixel_values=pixels, tile_values=normalize(tiles), tile_grids=grids).item()
 
 
 @torch.no_grad()
@@ -102,14 +105,15 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
     outputs = read_back(model, tokenizer, samples, max_new_tokens, batch_size, progress=True)
     share = VisionShare(model.cfg.vision_grid ** 2, model.cfg.gpt.n_embd)
     for start in range(0, len(samples), batch_size):
-        share.add(model.vision_tokens(normalize(torch.stack([s["pixels"] for s in samples[start:start + batch_size]]))))
+        share.add(model.vision_tokens(normalize(torch.stack([s["views"].global_view
+                                                             for s in samples[start:start + batch_size]]))))
     for i, (s, out) in enumerate(zip(samples, outputs)):
-        other = samples[(i + 1) % len(samples)]["pixels"]        # the next page's image: same text, wrong page
-        s.update(generated=out, loss=sample_loss(model, s, normalize(s["pixels"][None])),
+        other = samples[(i + 1) % len(samples)]["views"].global_view   # the next page's image: same text, wrong page
+        s.update(generated=out, loss=sample_loss(model, s, normalize(s["views"].global_view[None])),
                  loss_other_image=sample_loss(model, s, normalize(other[None])) if len(samples) > 1 else float("nan"),
                  exact=out == s["expected"], cer=cer(out, s["expected"]), ned=ned(out, s["expected"]),
                  word_recall=word_recall(out, s["expected"]))
-    rows = [{k: v for k, v in s.items() if k not in ("ids", "mask", "pixels")} for s in samples]
+    rows = [{k: v for k, v in s.items() if k not in ("ids", "mask", "views")} for s in samples]
     n = max(1, len(rows))
     mean = {key: sum(r[key] for r in rows) / n for key in ("loss", "loss_other_image", "cer", "ned", "word_recall")}
     summary = {"samples": len(rows), "exact_match": sum(r["exact"] for r in rows),
@@ -238,9 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--metrics", help="the run's metrics.jsonl for the loss curve (default: beside the export)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
+    add_mode_arguments(parser, default=None)
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
     model, _ = load_exported(checkpoint)
+    apply_mode(model.cfg, args, parser)
     tokenizer = Tokenizer.load(args.tokenizer or checkpoint / "tokenizer.json")
     result = evaluate(model, tokenizer, args.shards, args.max_new_tokens)
     write_report(result, args.out, args.metrics or checkpoint.parent / "metrics.jsonl")

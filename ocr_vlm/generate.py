@@ -1,6 +1,7 @@
 """Read pages with an exported model.
 
     python -m ocr_vlm.generate --checkpoint runs/demo/export --image page.png [more.png ...] --prompt "Free OCR."
+        [--mode=gundam --max_crops=9]   (default: the mode the model was trained in)
 """
 
 from __future__ import annotations
@@ -8,10 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ocr_vlm.engine import Engine
-from ocr_vlm.image import ImageError, process_image
+from ocr_vlm.image import ImageError, add_mode_arguments, apply_mode, load_views, normalize, stack_views
 from ocr_vlm.tokenizer import Tokenizer
 from ocr_vlm.weights import load_exported
 
@@ -26,15 +25,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--seed", type=int, default=0)
+    add_mode_arguments(parser, default=None)
     args = parser.parse_args(argv)
     model, cfg = load_exported(args.checkpoint)
+    apply_mode(model.cfg, args, parser)
     tokenizer = Tokenizer.load(args.tokenizer or Path(args.checkpoint) / "tokenizer.json")
     try:
-        pixels = torch.stack([process_image(Path(p), cfg.image_size, cfg.image_resize) for p in args.image])
+        pixels, tiles, grids = stack_views([load_views(Path(p), cfg) for p in args.image], cfg)
     except (ImageError, FileNotFoundError) as e:
         parser.error(str(e))
-    texts = Engine(model, tokenizer).generate([args.prompt] * len(args.image), pixels, args.max_new_tokens,
-                                              args.temperature, args.top_k, args.seed)
+    texts = Engine(model, tokenizer).generate([args.prompt] * len(args.image), normalize(pixels), args.max_new_tokens,
+                                              args.temperature, args.top_k, args.seed, tiles=normalize(tiles),
+                                              grids=grids)
     for path, text in zip(args.image, texts):
         if len(args.image) > 1:
             print(f"== {path}")

@@ -199,22 +199,43 @@ def load_views(source: bytes | str | Path | Image.Image, cfg: VLMConfig) -> View
     return Views(fit_square_pixels(pixels, cfg.image_size, cfg.image_resize), tiles, grid)
 
 
-def layout_main(argv: list[str] | None = None) -> None:
-    """What a page will cost: its tile grid and embedding count in the chosen mode."""
-    parser = argparse.ArgumentParser(prog="python -m ocr_vlm.image layout", description=layout_main.__doc__)
-    parser.add_argument("--mode", default="base", help=f"{', '.join(config.RESOLUTION_MODES)} or {config.GUNDAM}")
+def stack_views(views: list[Views], cfg: VLMConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images' views as the model takes them, uint8: global views (N, 3, S, S), every image's tiles in order
+    (M, 3, t, t: the second resolution group) and the grids (N, 2)."""
+    size, tile = cfg.image_size, cfg.tile_size
+    pixels = torch.stack([v.global_view for v in views]) if views else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    tiles = torch.cat([v.tiles for v in views]) if views else torch.zeros(0, 3, tile, tile, dtype=torch.uint8)
+    return pixels, tiles, torch.tensor([v.grid for v in views], dtype=torch.long).view(-1, 2)
+
+
+def add_mode_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """--mode and --max_crops, for the tools that read pages (layout, generate, evaluate)."""
+    parser.add_argument("--mode", default=default, help=f"{', '.join(config.RESOLUTION_MODES)} or {config.GUNDAM}"
+                        + ("" if default else " (default: the mode the model was trained in)"))
     parser.add_argument("--max_crops", type=int, help="Gundam's most tiles per page (default 6; the paper: 9)")
-    parser.add_argument("--preset", default="d20", choices=sorted(config.PRESETS))
-    parser.add_argument("sizes", nargs="+", metavar="WIDTHxHEIGHT")
-    args = parser.parse_args(argv)
-    cfg = config.preset(args.preset)
+
+
+def apply_mode(cfg: VLMConfig, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Set the parsed --mode/--max_crops on `cfg`; a bad value is a one-line usage error naming the field."""
     try:
-        cfg.set_mode(args.mode)
+        if args.mode:
+            cfg.set_mode(args.mode)
         if args.max_crops is not None:
             cfg.max_crops = args.max_crops
         cfg.validate()
     except config.ConfigError as e:
         parser.error(str(e))
+
+
+def layout_main(argv: list[str] | None = None) -> None:
+    """What a page will cost: its tile grid and embedding count in the chosen mode."""
+    parser = argparse.ArgumentParser(prog="python -m ocr_vlm.image layout", description=layout_main.__doc__)
+    add_mode_arguments(parser, default="base")
+    parser.add_argument("--preset", default="d20", choices=sorted(config.PRESETS))
+    parser.add_argument("sizes", nargs="+", metavar="WIDTHxHEIGHT")
+    args = parser.parse_args(argv)
+    cfg = config.preset(args.preset)
+    apply_mode(cfg, args, parser)
     for size in args.sizes:
         try:
             width, height = (int(n) for n in size.lower().split("x"))
@@ -224,7 +245,6 @@ def layout_main(argv: list[str] | None = None) -> None:
             parser.error(f"size: {size!r} must be positive")
         grid = tile_grid(width, height, cfg)
         print(f"{width}x{height} tiles {grid[0]}x{grid[1]} embeddings {cfg.image_tokens_for(grid)}")
-
 
 if __name__ == "__main__":
     import sys

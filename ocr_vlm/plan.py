@@ -7,7 +7,8 @@ Parameter counts come from the model built on the meta device, trainable vs froz
 ZeRO stage, buckets and offload from the ds_config JSON. Activations are counted per token (GPT) and per image
 (vision towers) from the tensors each block keeps for backward; `bench/plan_vs_measured.py` checks the sum against
 measured peaks. Without `data.max_images` the packer may put seq_len // image_tokens images in every row, and every
-image of a micro-batch goes through SAM at once, so the worst case is what is planned.
+image of a micro-batch goes through SAM at once, so the worst case is what is planned (Gundam: in global-view
+equivalents, see images_per_micro_batch).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +75,18 @@ def parameter_counts(cfg: TrainConfig, persistence_threshold: int = 0) -> Counts
 
 
 def images_per_micro_batch(cfg: TrainConfig) -> int:
-    """The packer's worst case: rows of nothing but images, unless data.max_images caps the micro-batch."""
-    most = cfg.micro_batch * (cfg.data.seq_len // cfg.model.image_tokens)
+    """The packer's worst case, in global views: rows of nothing but the pages whose tile grid puts the most tower
+    work into a row, unless data.max_images caps the micro-batch's views. A Gundam tile weighs (tile/size)² of a
+    global view (the towers' activations grow with their tokens, linearly but for the global blocks' bias); the cap
+    counts tiles whole, so under it untiled pages are the worst case."""
+    m = cfg.model
+    tile = (m.tile_size / m.image_size) ** 2
+
+    def views(grid: tuple[int, int]) -> float:
+        return 1 + (grid[0] * grid[1] * tile if grid != (1, 1) else 0)
+
+    most = max(math.ceil(cfg.micro_batch * (cfg.data.seq_len // m.image_tokens_for(grid)) * views(grid))
+               for grid in m.tile_grids())
     return min(most, cfg.data.max_images) if cfg.data.max_images else most
 
 

@@ -221,13 +221,16 @@ class Trainer:
         self.tracker.close()
 
     def _forward(self, batch: dict, pixels: torch.Tensor | None = None, reading: bool = False):
-        """(cross-entropy, reading loss or None). `pixels` replaces the batch's images (the mismatched-image check)."""
+        """(cross-entropy, reading loss or None). `pixels` replaces the batch's global views (the mismatched-image
+        check; Gundam tiles stay the page's own, their count is fixed by the placeholders)."""
         tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         pixels = tensors["pixel_values"] if pixels is None else pixels.to(self.device)
         out = self.engine(tensors["input_ids"], targets=tensors["targets"],
                           pixel_values=normalize(pixels, self._pixel_dtype),
                           position_ids=tensors["position_ids"], doc_ids=tensors["doc_ids"],
-                          reading=(tensors["reading_targets"], tensors["reading_lengths"]) if reading else None)
+                          reading=(tensors["reading_targets"], tensors["reading_lengths"]) if reading else None,
+                          tile_values=normalize(tensors["tile_values"], self._pixel_dtype),
+                          tile_grids=tensors["tile_grids"])
         return out if reading else (out, None)
 
     def _logs(self, step: int) -> bool:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ocr_vlm.config import DataConfig, VLMConfig
 from ocr_vlm.data.shards import with_response
 from ocr_vlm.data.stream import Origin, SampleStream, ShardSet, Skipped
-from ocr_vlm.image import ImageError, load_pixels
+from ocr_vlm.image import ImageError, Views, load_views, stack_views
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.reading import reading_targets
 from ocr_vlm.tokenizer import Tokenizer
@@ -37,7 +37,7 @@ FRESH = {"mixed": 0, "vision": (0, 0), "text": (0, 0)}     # a worker's stream s
 class Example:
     inputs: list[int]
     targets: list[int]
-    pixels: torch.Tensor | None       # (3, S, S) uint8 for a vision sample; normalised on the device
+    views: Views | None               # a vision sample's uint8 global view (and Gundam tiles); normalised on the device
     reading: list[int]                # the reading head's CTC target (the response's bytes); [] for text samples
     state: dict                       # stream positions before this sample was drawn
 
@@ -51,13 +51,13 @@ class BadSample(ValueError):
 class Decoded(NamedTuple):
     ids: list[int]
     mask: list[int]                   # 1 where the next token is supervised
-    pixels: torch.Tensor | None       # (3, S, S) uint8; None for a text-only sample
+    views: Views | None               # uint8 global view (+ Gundam tiles and grid); None for a text-only sample
     prompt: str                       # vision samples: the prompt and the expected response ("" for text samples)
     response: str
 
 
 def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Decoded:
-    """A raw webdataset sample -> token ids, loss mask, pixels and texts. Raises BadSample naming what is wrong."""
+    """A raw webdataset sample -> token ids, loss mask, image views and texts. Raises BadSample naming what is wrong."""
     if "json" not in sample:
         raise BadSample("missing_json", "no .json member")
     try:
@@ -84,11 +84,12 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Decoded:
         if not isinstance(meta.get(name), str):
             raise BadSample("bad_fields", f"field '{name}' missing or not a string")
     try:
-        pixels = load_pixels(sample[image_key], vlm.image_size, vlm.image_resize)
+        views = load_views(sample[image_key], vlm)
     except ImageError as e:
         raise BadSample(e.reason, str(e)) from None
-    ids, mask = tokenizer.render_sample(meta["prompt"], meta["response"], vlm.image_tokens)
-    return Decoded(ids, mask, pixels, meta["prompt"], meta["response"])
+    # the placeholder count follows the page's own tile grid
+    ids, mask = tokenizer.render_sample(meta["prompt"], meta["response"], vlm.image_tokens_for(views.grid))
+    return Decoded(ids, mask, views, meta["prompt"], meta["response"])
 
 
 class PackedBatches(IterableDataset):
@@ -139,7 +140,7 @@ class PackedBatches(IterableDataset):
                 continue
             where = f"{item.get('__url__')}:{item.get('__key__')}"
             try:
-                ids, mask, pixels, _, response = decode(item, tokenizer, self.vlm)
+                ids, mask, views, _, response = decode(item, tokenizer, self.vlm)
             except BadSample as e:
                 if where not in warned:                # once per run, not once per pass over the data
                     warned.add(where)
@@ -152,7 +153,7 @@ class PackedBatches(IterableDataset):
                 yield ("too_long", where, 1)
                 continue
             targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
-            yield Example(ids[:-1], targets, pixels, reading_targets(response) if pixels is not None else [], before)
+            yield Example(ids[:-1], targets, views, reading_targets(response) if views is not None else [], before)
 
     def _pack(self, examples, tokenizer: Tokenizer, logical: int) -> Iterator[dict]:
         rows: list[list[Example]] = [[]]
@@ -163,9 +164,9 @@ class PackedBatches(IterableDataset):
                 counters[f"skipped/{reason}"] += count
                 continue
             row_full = sum(len(e.inputs) for e in rows[-1]) + len(ex.inputs) > self.data.seq_len
-            # Every image of a micro-batch goes through the vision towers at once: the cap bounds their memory.
-            images_full = ex.pixels is not None and self.data.max_images > 0 and \
-                sum(e.pixels is not None for row in rows for e in row) == self.data.max_images
+            # Every view of a micro-batch goes through the vision towers at once: the cap bounds their memory.
+            images_full = ex.views is not None and self.data.max_images > 0 and \
+                sum(view_count(e) for row in rows for e in row) + view_count(ex) > self.data.max_images
             if images_full or (row_full and len(rows) == self.data.batch_rows):
                 yield self._collate(rows, counters, tokenizer, ex.state, logical)
                 rows, counters = [[]], Counter()
@@ -193,12 +194,11 @@ class PackedBatches(IterableDataset):
                 batch["position_ids"][r, at:at + n] = torch.arange(n)
                 batch["doc_ids"][r, at:at + n] = doc
                 at += n
-                if ex.pixels is not None:
-                    images.append(ex.pixels)
+                if ex.views is not None:
+                    images.append(ex.views)
                     reading.append(ex.reading)
-                counters["vision_samples" if ex.pixels is not None else "text_samples"] += 1
-        size = self.vlm.image_size
-        batch["pixel_values"] = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+                counters["vision_samples" if ex.views is not None else "text_samples"] += 1
+        batch["pixel_values"], batch["tile_values"], batch["tile_grids"] = stack_views(images, self.vlm)
         batch["reading_targets"] = torch.tensor([b for r in reading for b in r], dtype=torch.long)
         batch["reading_lengths"] = torch.tensor([len(r) for r in reading], dtype=torch.long)
         counters["samples"] = counters["vision_samples"] + counters["text_samples"]
@@ -207,6 +207,11 @@ class PackedBatches(IterableDataset):
         batch["counters"] = dict(counters)
         batch["state"] = {"worker": logical, "stream": state}
         return batch
+
+
+def view_count(ex: Example) -> int:
+    """Views an example puts through the towers: its global view and any tiles; 0 for text."""
+    return 0 if ex.views is None else 1 + len(ex.views.tiles)
 
 
 class UnreadableData(RuntimeError):

@@ -1,7 +1,8 @@
 """nano-DeepSeek-OCR: DeepEncoder (SAM -> compressor -> CLIP) + projector + nanochat GPT.
 
     pixels (N,3,S,S) ─ sam_model ─▶ (N,C,g,g) ─ vision_model ─▶ (N,1+g²,W)
-    cat(CLIP[:,1:], SAM tokens) ─ projector ─▶ (N,g²,D) ─ layout ─▶ (N, g·(g+1)+1, D)
+    cat(CLIP[:,1:], SAM tokens) ─ projector ─▶ (N,g²,D) ─ layout ─▶ N × (g·(g+1)+1, D)
+    Gundam: the tiles (M,3,t,t) take the same towers ─▶ (M,t²,D); layout puts each image's tiles, stitched, first
     token embeddings with the <|image|> positions replaced, in order ─ gpt ─▶ loss or logits
     (training only) (N,g²,D) ─ reading_head ─▶ CTC loss against the page's characters
 """
@@ -60,49 +61,79 @@ class VLM(nn.Module):
         fused = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)   # CLIP first: projector weights depend on it
         return self.projector(fused)
 
-    def layout(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, g², D) -> (N, image_tokens, D): grid rows each closed by a newline, then one separator."""
+    def layout(self, tokens: torch.Tensor, tiles: torch.Tensor | None = None,
+               grids: torch.Tensor | None = None) -> torch.Tensor:
+        """Each image's embeddings in order, as one (Σ image_tokens_for(grid), D) sequence. `tokens` (N, g², D) are
+        the global views; a Gundam batch adds its tiles' tokens (M, t², D) and the images' (N, 2) grids (w_t, h_t).
+        Per image: its tiles stitched into one grid of t·h_t rows of t·w_t tokens, each row closed by a newline, then
+        the global grid the same way, then the view separator (local first, as DeepSeek-OCR's code does)."""
         n, g, d = tokens.shape[0], self.cfg.vision_grid, tokens.shape[-1]
-        rows = torch.cat([tokens.view(n, g, g, d), self.image_newline.to(tokens.dtype).expand(n, g, 1, d)], dim=2)
-        return torch.cat([rows.flatten(1, 2), self.view_separator.to(tokens.dtype).expand(n, 1, d)], dim=1)
+        views = torch.cat([self._rows(tokens.view(n, g, g, d)), self.view_separator.to(tokens.dtype).expand(n, 1, d)], 1)
+        if tiles is None or not len(tiles):
+            return views.flatten(0, 1)
+        t, parts = self.cfg.tile_grid_side, []
+        grids = grids.tolist()
+        for (w, h), view, local in zip(grids, views, tiles.split([w * h if (w, h) != (1, 1) else 0 for w, h in grids])):
+            if len(local):
+                parts.append(self._rows(local.view(h, w, t, t, d).permute(0, 2, 1, 3, 4).reshape(1, h * t, w * t, d))[0])
+            parts.append(view)
+        return torch.cat(parts)
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N,3,S,S) -> (N, image_tokens, D): what replaces the images' <|image|> placeholders."""
-        return self.layout(self.vision_tokens(pixels))
+    def _rows(self, grid: torch.Tensor) -> torch.Tensor:
+        """(N, rows, cols, D) -> (N, rows·(cols+1), D): every row closed by the newline embedding."""
+        n, rows, _, d = grid.shape
+        return torch.cat([grid, self.image_newline.to(grid.dtype).expand(n, rows, 1, d)], dim=2).flatten(1, 2)
 
-    def embed(self, input_ids: torch.Tensor, vision: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with each image's `vision_tokens` laid out into its <|image|> placeholders, in order."""
+    def encode_images(self, pixels: torch.Tensor, tiles: torch.Tensor | None = None,
+                      grids: torch.Tensor | None = None) -> torch.Tensor:
+        """Global views (N,3,S,S) [+ tiles (M,3,t,t) and grids (N,2)] -> the (Σ counts, D) embeddings that replace
+        the images' <|image|> placeholders; the two resolution groups each go through the towers once."""
+        return self.layout(self.vision_tokens(pixels), self.vision_tokens(tiles) if tiles is not None else None, grids)
+
+    def embed(self, input_ids: torch.Tensor, vision: torch.Tensor | None = None, tiles: torch.Tensor | None = None,
+              grids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's layout (global `vision_tokens`, and in Gundam its tiles' tokens and
+        grid) written into its <|image|> placeholders, in order."""
         x = self.gpt.embed(input_ids)
         slots = input_ids == self.cfg.image_token_id
         n_images = 0 if vision is None else vision.shape[0]
-        expected, found = n_images * self.cfg.image_tokens, int(slots.sum())
+        counts = [self.cfg.image_tokens_for(tuple(grid)) for grid in grids.tolist()] if grids is not None \
+            else [self.cfg.image_tokens] * n_images
+        expected, found = sum(counts), int(slots.sum())
         if expected != found:
-            raise ValueError(f"{n_images} image(s) need {expected} <|image|> placeholders "
-                             f"({self.cfg.image_tokens} each) but input_ids holds {found}")
+            each = f"{counts[0]} each" if len(set(counts)) <= 1 else f"{'+'.join(map(str, counts))} by tile grid"
+            raise ValueError(f"{n_images} image(s) need {expected} <|image|> placeholders ({each}) "
+                             f"but input_ids holds {found}")
         if n_images:
-            x = x.masked_scatter(slots.unsqueeze(-1), self.layout(vision).to(x.dtype))
+            x = x.masked_scatter(slots.unsqueeze(-1), self.layout(vision, tiles, grids).to(x.dtype))
         return x
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, reading: tuple[torch.Tensor, torch.Tensor] | None = None):
+                doc_ids: torch.Tensor | None = None, reading: tuple[torch.Tensor, torch.Tensor] | None = None,
+                tile_values: torch.Tensor | None = None, tile_grids: torch.Tensor | None = None):
         """Mean cross-entropy over supervised targets (never full fp32 logits), or logits when no targets.
 
+        Gundam batches add `tile_values` (M,3,t,t), every image's tiles in order, and `tile_grids` (N,2).
         With `reading` = (the images' `reading_targets` concatenated, their lengths) it returns the pair
-        (cross-entropy, reading head's CTC loss); weighing the two is the trainer's business.
+        (cross-entropy, reading head's CTC loss over the global views); weighing the two is the trainer's business.
 
         A text-only batch in training still runs the towers (and the reading head), on a blank image weighted by
-        zero, at the same points as a batch with images: under ZeRO-3 every rank gathers the same parameters in the
-        same order every step, and every trainable parameter gets a gradient."""
+        zero, at the same points as a batch with images; in Gundam mode a batch without tiles runs a blank tile the
+        same way: under ZeRO-3 every rank gathers the same parameters in the same order every step, and every
+        trainable parameter gets a gradient."""
         images = pixel_values is not None and len(pixel_values) > 0
-        blank = not images and self.training
-        if images or blank:
-            side, dtype = self.cfg.image_size, self.projector.layers.weight.dtype
-            vision = self.vision_tokens(pixel_values if images else
-                                        torch.zeros(1, 3, side, side, dtype=dtype, device=input_ids.device))
-        x = self.embed(input_ids, vision if images else None)
-        if blank:
-            x = x + 0.0 * self.layout(vision).sum()
+        tiled = images and bool(self.cfg.tile_size) and tile_values is not None and len(tile_values) > 0
+        unused = []                            # towers run on blanks, weighted by zero
+        if images or self.training:
+            vision = self.vision_tokens(pixel_values if images else self._blank(self.cfg.image_size, input_ids.device))
+            unused += [] if images else [self.layout(vision)]
+            if self.cfg.tile_size:
+                tiles = self.vision_tokens(tile_values if tiled else self._blank(self.cfg.tile_size, input_ids.device))
+                unused += [] if tiled else [tiles]
+        x = self.embed(input_ids, vision if images else None, tiles if tiled else None, tile_grids if tiled else None)
+        if unused:
+            x = x + 0.0 * sum(u.sum() for u in unused)
         h = self.gpt.hidden(x, position_ids=position_ids, doc_ids=doc_ids)
         if targets is None:
             return self.gpt.logits(h)
@@ -111,7 +142,10 @@ class VLM(nn.Module):
             return loss
         if images:
             return loss, self.reading_head.loss(vision, *reading)
-        return loss, (0.0 * self.reading_head(vision).sum() if blank else loss * 0.0)
+        return loss, (0.0 * self.reading_head(vision).sum() if self.training else loss * 0.0)
+
+    def _blank(self, side: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(1, 3, side, side, dtype=self.projector.layers.weight.dtype, device=device)
 
     def component_parameters(self, component: str) -> list[nn.Parameter]:
         params = []
