@@ -88,7 +88,8 @@ class VLM(nn.Module):
                       grids: torch.Tensor | None = None) -> torch.Tensor:
         """Global views (N,3,S,S) [+ tiles (M,3,t,t) and grids (N,2)] -> the (Σ counts, D) embeddings that replace
         the images' <|image|> placeholders; the two resolution groups each go through the towers once."""
-        return self.layout(self.vision_tokens(pixels), self.vision_tokens(tiles) if tiles is not None else None, grids)
+        tiled = tiles is not None and len(tiles) > 0
+        return self.layout(self.vision_tokens(pixels), self.vision_tokens(tiles) if tiled else None, grids)
 
     def embed(self, input_ids: torch.Tensor, vision: torch.Tensor | None = None, tiles: torch.Tensor | None = None,
               grids: torch.Tensor | None = None) -> torch.Tensor:
