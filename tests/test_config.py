@@ -43,4 +43,4 @@ def test_unknown_preset_and_mode():
     with pytest.raises(ConfigError, match="preset"):
         config.preset("d32")
     with pytest.raises(ConfigError, match="mode"):
-        config.d20().set_mode("gundam")
+        config.d20().set_mode("huge")

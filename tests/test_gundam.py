@@ -263,4 +263,4 @@ def test_d20_gundam_shapes_on_meta(grid, count):
     tiles = torch.empty(grid[0] * grid[1] if grid != (1, 1) else 0, 3, 640, 640, device="meta")
     assert model.sam_model(torch.empty(1, 3, 640, 640, device="meta")).shape == (1, 1024, 10, 10)
     out = model.encode_images(torch.empty(1, 3, 1024, 1024, device="meta"), tiles, torch.tensor([grid]))
-    assert out.shape == (count, 1280)
+    assert out.shape == (1, count, 1280)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from ocr_vlm import config
 from ocr_vlm.data import render
@@ -84,6 +85,21 @@ def test_reading_head_and_tower_gradients_are_logged(tmp_path):
     assert "reading " in out and "(sam " in out
     model, cfg = load_exported(tmp_path / "export")     # the head travels with the export, strictly loaded
     assert cfg.reading_head == (2, 4) and model.reading_head is not None
+
+
+def test_gundam_trains_on_two_ranks_evaluates_and_generates(tmp_path):
+    """Gundam at tiny (256-px global views, 160-px tiles): tier1's pages (320-384 px wide) all get 2x2 or 3x2 tiles,
+    so every packed row mixes embedding counts; the export keeps the mode for evaluation and generation."""
+    deepspeed(tmp_path, "--mode=gundam", "--steps=6", "--data.seq_len=512")
+    trace = losses(tmp_path)
+    assert sorted(trace) == list(range(1, 7)) and (trace[5] + trace[6]) / 2 < trace[1] - 0.5
+    model, cfg = load_exported(tmp_path / "export")
+    assert (cfg.image_size, cfg.tile_size, cfg.max_crops) == (256, 160, 6)
+    result = evaluate(model, Tokenizer.load(TINY_TOKENIZER), "shards/tier1", max_new_tokens=4, limit=2)
+    assert result["summary"]["samples"] == 2 and all(r["loss"] > 0 for r in result["samples"])
+    Image.new("RGB", (400, 300), "white").save(tmp_path / "page.png")
+    run([sys.executable, "-m", "ocr_vlm.generate", "--checkpoint", str(tmp_path / "export"), "--image",
+         str(tmp_path / "page.png"), "--max-new-tokens", "4", "--max_crops", "9"])
 
 
 def test_metrics_reach_jsonl_and_wandb_offline(zero2):

@@ -86,10 +86,14 @@ class VLM(nn.Module):
 
     def encode_images(self, pixels: torch.Tensor, tiles: torch.Tensor | None = None,
                       grids: torch.Tensor | None = None) -> torch.Tensor:
-        """Global views (N,3,S,S) [+ tiles (M,3,t,t) and grids (N,2)] -> the (Σ counts, D) embeddings that replace
-        the images' <|image|> placeholders; the two resolution groups each go through the towers once."""
+        """N images of one tile grid: global views (N,3,S,S) [+ their tiles (M,3,t,t) and grids (N,2)] ->
+        (N, image_tokens_for(grid), D), what replaces each image's <|image|> placeholders. The two resolution groups
+        each go through the towers once. (A batch of several grids is laid out flat, image by image, by `embed`.)"""
         tiled = tiles is not None and len(tiles) > 0
-        return self.layout(self.vision_tokens(pixels), self.vision_tokens(tiles) if tiled else None, grids)
+        if tiled and len(grids.unique(dim=0)) > 1:
+            raise ValueError(f"grids: encode_images takes images of one tile grid, got {grids.tolist()}")
+        flat = self.layout(self.vision_tokens(pixels), self.vision_tokens(tiles) if tiled else None, grids)
+        return flat.view(len(pixels), -1, flat.shape[-1])
 
     def embed(self, input_ids: torch.Tensor, vision: torch.Tensor | None = None, tiles: torch.Tensor | None = None,
               grids: torch.Tensor | None = None) -> torch.Tensor:
