@@ -1,13 +1,14 @@
 """Gundam mode: tile grids and counts against the reference rules worked by hand, the layout order read back from
 markers, variable embedding counts in one packed batch, the loader's view cap, KV-cache generation, d20 on meta."""
 
+import dataclasses
 import io
 
 import pytest
 import torch
 from PIL import Image
 
-from ocr_vlm import config
+from ocr_vlm import config, plan, recipe
 from ocr_vlm.config import ConfigError, DataConfig
 from ocr_vlm.data.loader import Loader
 from ocr_vlm.data.shards import Record, write_shards
@@ -198,18 +199,27 @@ def test_variable_counts_pack_into_one_row_and_each_sample_sees_only_itself():
             model(ids[:, :-50], pixel_values=normalize(pixels), tile_values=normalize(tiles), tile_grids=grids)
 
 
+def gundam_batch(cfg, sizes):
+    views = views_of(sizes)
+    ids = torch.tensor([sum((TOK.render_sample("<image>\nx", "ab", cfg.image_tokens_for(v.grid))[0] for v in views), [])])
+    pixels, tiles, grids = stack_views(views, cfg)
+    return dict(input_ids=ids, targets=ids.roll(-1, 1), pixel_values=normalize(pixels), tile_values=normalize(tiles),
+                tile_grids=grids)
+
+
 def test_training_forward_reaches_every_parameter_with_and_without_tiles():
     cfg = gundam()
     for sizes in (PAGES, [(100, 100)]):       # a batch without tiles runs a blank tile, weighted by zero
         model = trained_like(cfg).train()
-        views = views_of(sizes)
-        ids = torch.tensor([sum((TOK.render_sample("<image>\nx", "ab", cfg.image_tokens_for(v.grid))[0]
-                                 for v in views), [])])
-        pixels, tiles, grids = stack_views(views, cfg)
-        loss = model(ids, targets=ids.roll(-1, 1), pixel_values=normalize(pixels), tile_values=normalize(tiles),
-                     tile_grids=grids)
-        loss.backward()
+        model(**gundam_batch(cfg, sizes)).backward()
         assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_reading_head_reads_the_global_views_of_a_tiled_batch():
+    cfg = dataclasses.replace(gundam(), reading_head=(2, 4))
+    lm, reading = build_model(cfg).train()(**gundam_batch(cfg, PAGES),
+                                           reading=(torch.tensor([65, 66] * 3), torch.tensor([2, 2, 2])))
+    assert torch.isfinite(lm) and reading > 0
 
 
 def test_loader_packs_pages_of_every_grid_under_the_view_cap(tmp_path):
@@ -264,3 +274,14 @@ def test_d20_gundam_shapes_on_meta(grid, count):
     assert model.sam_model(torch.empty(1, 3, 640, 640, device="meta")).shape == (1, 1024, 10, 10)
     out = model.encode_images(torch.empty(1, 3, 1024, 1024, device="meta"), tiles, torch.tensor([grid]))
     assert out.shape == (1, count, 1280)
+
+
+def test_plan_counts_tiles_in_global_view_equivalents():
+    """d20 stage 2, 2 x 8192 tokens: untiled pages give 2 x 30 = 60 global views; 3x1 pages (583 embeddings) give
+    14 per row of 1 + 3·(640/1024)² = 2.17 views each, 2 x 30.4 -> 61, the worst grid. A cap counts views whole."""
+    def cfg(*args):
+        return recipe.build_config(["--preset=d20", "--stage=2", "--data.text_shards=unread", "--micro_batch=2", *args])
+
+    assert plan.images_per_micro_batch(cfg("--mode=base")) == 60
+    assert plan.images_per_micro_batch(cfg("--mode=gundam")) == 61
+    assert plan.images_per_micro_batch(cfg("--mode=gundam", "--data.max_images=12")) == 12
