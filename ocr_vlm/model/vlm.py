@@ -129,16 +129,20 @@ class VLM(nn.Module):
         trainable parameter gets a gradient."""
         images = pixel_values is not None and len(pixel_values) > 0
         tiled = images and bool(self.cfg.tile_size) and tile_values is not None and len(tile_values) > 0
-        unused = []                            # towers run on blanks, weighted by zero
-        if images or self.training:
-            vision = self.vision_tokens(pixel_values if images else self._blank(self.cfg.image_size, input_ids.device))
-            unused += [] if images else [self.layout(vision)]
+        towers = images or self.training
+        if towers:
+            # Read on every rank alike: under ZeRO-3, touching a partitioned weight outside its module's forward
+            # gathers it, a collective.
+            dtype, device = self.projector.layers.weight.dtype, input_ids.device
+            vision = self.vision_tokens(pixel_values if images else blank(self.cfg.image_size, dtype, device))
             if self.cfg.tile_size:
-                tiles = self.vision_tokens(tile_values if tiled else self._blank(self.cfg.tile_size, input_ids.device))
-                unused += [] if tiled else [tiles]
+                tiles = self.vision_tokens(tile_values if tiled else blank(self.cfg.tile_size, dtype, device))
         x = self.embed(input_ids, vision if images else None, tiles if tiled else None, tile_grids if tiled else None)
-        if unused:
-            x = x + 0.0 * sum(u.sum() for u in unused)
+        # Blanks join the graph after the embedding, as real images do: ranks then run backward in the same order.
+        unused = ([self.layout(vision)] if towers and not images else []) + \
+            ([tiles] if towers and self.cfg.tile_size and not tiled else [])
+        for u in unused:
+            x = x + 0.0 * u.sum()
         h = self.gpt.hidden(x, position_ids=position_ids, doc_ids=doc_ids)
         if targets is None:
             return self.gpt.logits(h)
@@ -148,9 +152,6 @@ class VLM(nn.Module):
         if images:
             return loss, self.reading_head.loss(vision, *reading)
         return loss, (0.0 * self.reading_head(vision).sum() if self.training else loss * 0.0)
-
-    def _blank(self, side: int, device: torch.device) -> torch.Tensor:
-        return torch.zeros(1, 3, side, side, dtype=self.projector.layers.weight.dtype, device=device)
 
     def component_parameters(self, component: str) -> list[nn.Parameter]:
         params = []
@@ -165,6 +166,11 @@ class VLM(nn.Module):
         self.sam_model.gradient_checkpointing = sam
         self.vision_model.gradient_checkpointing = clip
         self.gpt.gradient_checkpointing = gpt
+
+
+def blank(side: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One blank (side x side) image: what the towers run on when a training batch has no image of a group."""
+    return torch.zeros(1, 3, side, side, dtype=dtype, device=device)
 
 
 def build_model(cfg: VLMConfig, device: str | torch.device = "cpu") -> VLM:
