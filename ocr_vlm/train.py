@@ -144,6 +144,7 @@ class Trainer:
         self.loader = Loader(data, cfg.model, self.tokenizer_path, self.rank, self.world)
         self.step, self.samples_seen, self.train_seconds = 0, 0, 0.0
         self.divergence = DivergenceGuard(cfg.diverge_steps, cfg.diverge_loss)
+        self.bad_in_a_row = 0              # non-finite micro-batch losses in a row, across steps
         self.read_samples = None          # (tokenizer, this rank's share of the pages eval_read reads back)
         self.tracker = Tracker(self.out, config.to_dict(cfg), enabled=self.rank == 0, use_wandb=cfg.wandb,
                                project=cfg.wandb_project, run_name=cfg.run_name, resume=self.resume_path is not None)
@@ -179,34 +180,13 @@ class Trainer:
     def run(self) -> None:
         self._maybe_resume()
         batches = iter(self.loader)
-        bad_in_a_row = 0
         while self.step < self.cfg.steps:
             started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
-            losses, counters, skipped_micro, grad_norms = [], {}, 0, {}
-            while len(losses) < self.gas:
-                batch = next(batches)
-                lm, reading = self._forward(batch, reading=self.cfg.reading_weight > 0)
-                loss = lm if reading is None else lm + self.cfg.reading_weight * reading
-                if self._any_rank(not torch.isfinite(loss.detach()).item()):
-                    # Every rank drops this micro-batch together (no backward, no engine.step), so the
-                    # optimizer never sees a non-finite gradient and the step is rebuilt from fresh data.
-                    bad_in_a_row, skipped_micro = bad_in_a_row + 1, skipped_micro + 1
-                    self._print(f"step {self.step}: non-finite loss, micro-batch skipped ({bad_in_a_row} in a row)")
-                    if bad_in_a_row >= self.cfg.max_bad_steps:
-                        raise TrainingError(f"{bad_in_a_row} non-finite losses in a row at step {self.step}: "
-                                            "lower the lr, check the data, or resume from an earlier checkpoint")
-                    continue
-                bad_in_a_row = 0
-                self.engine.backward(loss)
-                if len(losses) == self.gas - 1 and self._logs(self.step + 1) and self.zero_stage < 3:
-                    grad_norms = self._component_grad_norms()    # the step's gradient exists only until it is taken
-                self.engine.step()
-                losses.append(torch.stack([lm.detach(), (reading if reading is not None else lm * 0).detach()]))
-                for k, v in batch["counters"].items():
-                    counters[k] = counters.get(k, 0) + v
+            inspect = self._component_grad_norms if self._logs(self.step + 1) and self.zero_stage < 3 else None
+            sums, counters, skipped_micro, grad_norms = self.train_step([next(batches) for _ in range(self.gas)],
+                                                                        batches, inspect)
             self.step += 1
-            metrics = self._log(torch.stack(losses).mean(0), lr, counters, skipped_micro, grad_norms,
-                                time.perf_counter() - started)
+            metrics = self._log(sums, lr, counters, skipped_micro, grad_norms or {}, time.perf_counter() - started)
             # fp16's loss scaler skips overflowing steps itself (many in a row while it calibrates): not divergence.
             scaler_skipped = self.engine.fp16_enabled() and not self.engine.was_step_applied()
             self.divergence.check(self.step, metrics["loss"], None if scaler_skipped else metrics["grad_norm"],
@@ -219,6 +199,48 @@ class Trainer:
         self._check_frozen()
         self.export()
         self.tracker.close()
+
+    def train_step(self, micro_batches: list[dict], spares, inspect=None):
+        """One optimizer step on this rank's `gas` micro-batches, whose gradient is that of the mean token loss over
+        the global batch (every micro-batch of every rank), plus reading_weight x the mean reading loss per image.
+
+        Each micro-batch contributes its summed token loss over the step's global count of supervised tokens (one
+        all-reduce, before any forward), so a row with few response tokens weighs what its tokens do, not what a
+        row does. DeepSpeed would divide by gas (skipped here: scale_wrt_gas=False) and averages gradients over the
+        ranks (undone by x world size). `inspect` runs on the step's gradient, before the update; a micro-batch
+        whose loss is non-finite on any rank is replaced from `spares` on every rank.
+        Returns (this rank's (token loss sum, reading loss sum), counters, micro-batches skipped, inspect's result)."""
+        reading_on = self.cfg.reading_weight > 0
+        local = [[b["counters"].get("target_tokens", 0), b["counters"].get("vision_samples", 0)] for b in micro_batches]
+        step_tokens, step_images = (max(x, 1.0) for x in
+                                    self._sum_over_ranks(torch.tensor(local, dtype=torch.float64).sum(0)).tolist())
+        queue, done, skipped, result = list(micro_batches), 0, 0, None
+        sums, counters = torch.zeros(2, dtype=torch.float64, device=self.device), {}
+        while done < self.gas:
+            batch = queue.pop(0) if queue else next(spares)
+            n, i = (batch["counters"].get(k, 0) for k in ("target_tokens", "vision_samples"))
+            lm, reading = self._forward(batch, reading=reading_on)
+            token_sum, reading_sum = lm * n, (reading * i if reading_on else lm * 0)   # model losses are means
+            loss = self.world * (token_sum / step_tokens + self.cfg.reading_weight * reading_sum / step_images)
+            if self._any_rank_non_finite(loss):
+                # Every rank drops this micro-batch together (no backward, no engine.step), so the optimizer never
+                # sees a non-finite gradient; a fresh one takes its place (weighted by the step's count as drawn).
+                self.bad_in_a_row, skipped = self.bad_in_a_row + 1, skipped + 1
+                self._print(f"step {self.step}: non-finite loss, micro-batch skipped ({self.bad_in_a_row} in a row)")
+                if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                    raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}: "
+                                        "lower the lr, check the data, or resume from an earlier checkpoint")
+                continue
+            self.bad_in_a_row = 0
+            self.engine.backward(loss, scale_wrt_gas=False)
+            done += 1
+            if done == self.gas and inspect is not None:
+                result = inspect()              # the step's gradient exists only until it is taken
+            self.engine.step()
+            sums += torch.stack([token_sum.detach(), reading_sum.detach()]).double()
+            for k, v in batch["counters"].items():
+                counters[k] = counters.get(k, 0) + v
+        return sums, counters, skipped, result
 
     def _forward(self, batch: dict, pixels: torch.Tensor | None = None, reading: bool = False):
         """(cross-entropy, reading loss or None). `pixels` replaces the batch's images (the mismatched-image check)."""
@@ -253,16 +275,15 @@ class Trainer:
     def _pixel_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self._bf16 else torch.float32
 
-    def _log(self, losses: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
+    def _log(self, sums: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
              dt: float) -> dict:
-        """`losses`: this rank's mean (cross-entropy, reading loss) over the step's micro-batches. Returns the step's
-        metrics, the same on every rank."""
-        totals = torch.tensor([*losses.float().tolist(), counters.get("tokens", 0), counters.get("samples", 0),
-                               counters.get("vision_samples", 0),
-                               sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
-        totals = self._sum_over_ranks(totals)
-        loss_mean, reading_mean = totals[0].item() / self.world, totals[1].item() / self.world
-        tokens, samples, images, skipped = (int(x) for x in totals[2:])
+        """`sums`: this rank's (token loss, reading loss) summed over the step's supervised tokens and images. Returns
+        the step's metrics, the same on every rank: the loss is the mean over the global batch's supervised tokens."""
+        counts = torch.tensor([counters.get(k, 0) for k in ("target_tokens", "tokens", "samples", "vision_samples")]
+                              + [sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
+        totals = self._sum_over_ranks(torch.cat([sums, counts.to(sums.device)]))     # the step's one reduction of metrics
+        target_tokens, tokens, samples, images, skipped = (int(x) for x in totals[2:])
+        loss_mean, reading_mean = totals[0].item() / max(target_tokens, 1), totals[1].item() / max(images, 1)
         grad_norm = self.engine.get_global_grad_norm()
         train_flops = tokens * self.token_flops + images * self.image_flops
         metrics = {"loss": loss_mean, "lr": lr,
@@ -294,6 +315,13 @@ class Trainer:
 
     def _any_rank(self, flag: bool) -> bool:
         return self._sum_over_ranks(torch.tensor([float(flag)])).item() > 0
+
+    def _any_rank_non_finite(self, loss: torch.Tensor) -> bool:
+        """Whether any rank's loss is inf or NaN. Every rank must agree before backward (ZeRO's backward hooks are
+        collectives), so this is the micro-step's one host sync: the flag is reduced where the loss lives."""
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
