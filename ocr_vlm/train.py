@@ -75,11 +75,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     _init_distributed()
+    dist_rank = dist.get_rank()
     # On an exception this rank exits non-zero and the launcher stops the others; waiting for them here would hang.
     with _one_line_errors():
-        Trainer(cfg, args.ds_config).run()
+        final = Trainer(cfg, args.ds_config).run()
     dist.barrier()
     dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
+    if dist_rank == 0:
+        # Exported from the files just saved, after the process group is gone: no rank waits in a collective for
+        # this (a ZeRO-3 gather of the whole model on the host can outlast NCCL's timeout), and no GPU is needed.
+        with _one_line_errors():
+            export_checkpoint(final, Path(cfg.output_dir) / "export", trusted=True)
 
 
 def check_inputs(cfg: TrainConfig, ds_config: str, world: int) -> None:
@@ -124,7 +130,7 @@ class Trainer:
 
         self.model = self._build_model()
         self.resume_path = self._resume_dir()
-        self.ds_config = engine_config(ds_config_path, cfg, self.world, self.on_gpu)
+        self.ds_config, precision = engine_config(ds_config_path, cfg, self.world, self.device)
         self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
         if cfg.eval_read and self.zero_stage == 3:    # said before training, not at the first evaluation
             raise ConfigError("eval_read: generation needs whole parameters on every rank (ZeRO-0/1/2)")
@@ -139,7 +145,8 @@ class Trainer:
         self.gas = self.engine.gradient_accumulation_steps()
         self._print(f"engine: ZeRO-{self.zero_stage}, "
                     f"{'bf16' if self._bf16 else 'fp32'}, {type(optimizer).__name__}, {self.world} rank(s) x "
-                    f"{cfg.micro_batch} row(s) x {self.gas} accumulation = {cfg.global_batch} rows per step")
+                    f"{cfg.micro_batch} row(s) x {self.gas} accumulation = {cfg.global_batch} rows per step"
+                    + (f"; {precision}" if precision else ""))
         data = config.strict_overrides(cfg.data, [f"--batch_rows={cfg.micro_batch}"])
         self.loader = Loader(data, cfg.model, self.tokenizer_path, self.rank, self.world)
         self.step, self.samples_seen, self.train_seconds = 0, 0, 0.0
@@ -177,7 +184,8 @@ class Trainer:
             print(text, flush=True)
 
     # ------------------------------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> Path:
+        """Train to cfg.steps; returns the final checkpoint (main exports it once no rank waits on another)."""
         self._maybe_resume()
         batches = iter(self.loader)
         while self.step < self.cfg.steps:
@@ -197,8 +205,8 @@ class Trainer:
                 self.save()
         self.save()
         self._check_frozen()
-        self.export()
         self.tracker.close()
+        return self.out / CHECKPOINTS / f"step{self.step:06d}"
 
     def train_step(self, micro_batches: list[dict], spares, inspect=None):
         """One optimizer step on this rank's `gas` micro-batches, whose gradient is that of the mean token loss over
@@ -442,21 +450,6 @@ class Trainer:
             if not torch.equal(before, params[name].detach()):
                 raise TrainingError(f"frozen parameter {name} changed during training")
 
-    def export(self) -> Path | None:
-        """Final weights as safetensors + config.json + tokenizer.json, gathered from the checkpoint (complete under ZeRO-3)."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        out = self.out / "export"
-        if self.rank == 0:
-            tag = f"step{self.step:06d}"
-            state = get_fp32_state_dict_from_zero_checkpoint(str(self.out / CHECKPOINTS), tag=tag) \
-                if self.zero_stage > 0 else self.model.state_dict()
-            weights.export(self.model, out, state_dict=state)
-            shutil.copyfile(self.tokenizer_path, out / "tokenizer.json")   # what generation decodes with
-            print(f"exported {out}", flush=True)
-        dist.barrier()
-        return out
-
 
 # ----------------------------------------------------------------------------------------------------------------
 class DivergenceGuard:
@@ -486,6 +479,29 @@ class DivergenceGuard:
         if self.mean is not None and loss > self.ratio * self.mean:
             return f"loss {loss:.4f} above {self.ratio:g} x its running mean {self.mean:.4f}"
         return None
+
+
+def export_checkpoint(checkpoint: Path, out: Path, trusted: bool = False) -> Path:
+    """Any saved step checkpoint (ZeRO-0/1/2/3) as model.safetensors + config.json + tokenizer.json, on one process
+    without a GPU: weights gathered from the partition files by DeepSpeed's zero_to_fp32, every file loaded weights-only
+    unless `trusted`; the model config and tokenizer come from the recipe the checkpoint carries."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    states = sorted(checkpoint.glob("*model_states.pt"))     # ZeRO-3 names one per rank, rank 0's first
+    if not states:
+        raise TrainingError(f"export: {checkpoint} is not a checkpoint directory (no *model_states.pt)")
+    with _unpickling(checkpoint, "export", "--trust_checkpoint loads it", trusted=trusted):
+        client = torch.load(states[0], map_location="cpu", weights_only=not trusted)
+        if "recipe" not in client:
+            raise TrainingError(f"export: {states[0]} holds no recipe (not a checkpoint of this trainer)")
+        cfg = config.from_dict(TrainConfig, client["recipe"])
+        partitioned = any(checkpoint.glob("*optim_states.pt"))   # ZeRO >= 1; ZeRO-0 keeps whole weights in "module"
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name) \
+            if partitioned else client["module"]
+    weights.export(build_model(cfg.model, device="meta"), out, state_dict=state)
+    shutil.copyfile(cfg.tokenizer or str(TINY_TOKENIZER), out / "tokenizer.json")   # what generation decodes with
+    print(f"exported {out}", flush=True)
+    return out
 
 
 def to_universal(argv: list[str]) -> None:
@@ -535,8 +551,9 @@ def _unpickling(path: Path, what: str, opt_out: str, trusted: bool):
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
-def engine_config(path: str, cfg: TrainConfig, world: int, on_gpu: bool) -> dict:
-    """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in."""
+def engine_config(path: str, cfg: TrainConfig, world: int, device: torch.device) -> tuple[dict, str]:
+    """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in, and what
+    bf16 "auto" chose and why ("" when the config sets it)."""
     ds = json.loads(Path(path).read_text())
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
@@ -546,11 +563,24 @@ def engine_config(path: str, cfg: TrainConfig, world: int, on_gpu: bool) -> dict
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
     ds["gradient_accumulation_steps"] = cfg.global_batch // (cfg.micro_batch * world)
     ds["train_batch_size"] = cfg.global_batch
-    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    bf16, chose = ds.setdefault("bf16", {"enabled": "auto"}), ""
     if bf16.get("enabled") == "auto":
-        bf16["enabled"] = on_gpu   # these CPUs emulate bf16 several times slower than fp32
+        bf16["enabled"], why = _native_bf16(device)
+        chose = f"bf16 \"auto\" chose {'bf16' if bf16['enabled'] else 'fp32'}: {why}"
     ds.setdefault("steps_per_print", 10 ** 9)
-    return ds
+    return ds, chose
+
+
+def _native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether the device computes in bf16 natively, and why. torch's default check counts emulation (pre-Ampere
+    GPUs, CPUs), which runs several times slower than fp32."""
+    if device.type != "cuda":
+        return False, f"{device.type} emulates bf16, several times slower than fp32"
+    name = torch.cuda.get_device_name(device)
+    with torch.cuda.device(device):
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{name} supports it"
+    return False, f"{name} has no native bf16 (before compute capability 8.0)"
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
