@@ -2,9 +2,10 @@
 
     recipe + ds_config ─▶ model (pretrained init, freeze, activation checkpointing) ─▶ deepspeed.initialize
     resume: every checkpoint file loaded weights-only (no unpickling); the loader continues where the run was
-    loader (this rank's packed batches) ─▶ micro-steps: forward, non-finite guard, backward, engine.step
+    loader (this rank's packed batches) ─▶ a step's gas micro-batches, their supervised tokens counted over all ranks
+    ─▶ micro-steps: forward, non-finite guard, backward of the token-loss sum over that count, engine.step
     every step: metrics (JSONL + W&B), divergence guard; every N: eval, checkpoint (engine + every rank's loader/RNG)
-    end: checkpoint, export safetensors + config gathered from the (possibly ZeRO-3 partitioned) checkpoint
+    end: checkpoint; rank 0 exports safetensors + config from it (export_checkpoint) once the process group is gone
 
 Runs under the `deepspeed` launcher, torchrun, or as one plain python process (rank 0 of 1).
 """
