@@ -15,7 +15,7 @@ ARGS=(
     --model.gpt.sequence_len=8192
     --data.shards="$DATA/train" --data.text_shards="$DATA/text" --data.text_ratio=0.1
     --eval_shards="$DATA/val" --data.seq_len=8192 --data.num_workers=8
-    --data.max_images=48   # python -m ocr_vlm.plan: 29.0 GiB per GPU under ZeRO-2, so 40 GB A100s fit
+    --data.max_images=48   # python -m ocr_vlm.plan: 27.7 GiB per GPU under ZeRO-2, so 40 GB A100s fit
     --micro_batch=2 --global_batch=640 --steps=20000 --lr=3e-5 --warmup_steps=100
     --save_every=1000 --eval_every=1000 --output_dir=runs/d20-stage2 --resume=auto --wandb=true
 )

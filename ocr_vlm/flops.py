@@ -2,10 +2,14 @@
 
 Conventions: a multiply-add is 2 FLOPs; training costs 3x the forward pass for a trained part (forward + backward for
 inputs and weights) and 1x for a frozen part that nothing upstream needs gradients through (stage 2's SAM). The GPT
-uses nanochat's estimate (6 per non-embedding parameter + 12·L·H·Dh·T per token), so MFU numbers are comparable.
+uses nanochat's estimate (6 per non-embedding parameter + 12·L·H·Dh·T per token, T the keys a token attends), so MFU
+numbers are comparable; packed rows attend document by document (model/gpt.py Documents), so T is the token's
+document length and a row's attention costs 12·L·H·Dh·Σ length², not 12·L·H·Dh·seq_len².
 """
 
 from __future__ import annotations
+
+import torch
 
 from ocr_vlm.config import VLMConfig
 
@@ -47,11 +51,27 @@ def projector_forward_flops(cfg: VLMConfig) -> float:
     return 2 * cfg.vision_grid ** 2 * (cfg.clip.width + cfg.sam.compressor_channels[1]) * cfg.gpt.n_embd
 
 
-def gpt_train_flops_per_token(cfg: VLMConfig, seq_len: int) -> float:
+def gpt_train_flops_per_token(cfg: VLMConfig) -> float:
+    """Everything but attention's scores and weighted sum: 6 per non-embedding parameter."""
     g = cfg.gpt
     non_embedding = g.n_layer * (2 * g.n_embd * g.n_head * g.head_dim + 2 * g.n_embd * g.n_kv_head * g.head_dim
                                  + 8 * g.n_embd * g.n_embd) + g.vocab_size * g.n_embd   # blocks + lm_head
-    return 6 * non_embedding + 12 * g.n_layer * g.n_head * g.head_dim * seq_len
+    return 6 * non_embedding
+
+
+def gpt_attention_train_flops(cfg: VLMConfig, squared_lengths: int) -> float:
+    """Attention over documents whose squared lengths sum to `squared_lengths` (nanochat counts every key, not half)."""
+    g = cfg.gpt
+    return 12 * g.n_layer * g.n_head * g.head_dim * squared_lengths
+
+
+def squared_document_lengths(doc_ids: torch.Tensor) -> int:
+    """Σ length² over the documents of packed rows (runs of equal doc_ids in a row; padding, -1, is no document)."""
+    total = 0
+    for row in doc_ids:
+        ids, counts = torch.unique_consecutive(row, return_counts=True)
+        total += int(counts[ids >= 0].square().sum())
+    return total
 
 
 def image_train_flops(cfg: VLMConfig, frozen: tuple[str, ...]) -> float:

@@ -36,9 +36,11 @@ class Engine:
     """What the ds_config decides about memory. bf16: bf16 weights and gradients with fp32 master weights."""
     zero_stage: int = 0
     bf16: bool = True
+    grad_accum_fp32: bool = False   # data_types.grad_accum_dtype: the accumulated (partitioned) gradients in fp32
     overlap_comm: bool = False
     reduce_bucket: int = 0        # elements
     prefetch_bucket: int = 0      # elements (ZeRO-3)
+    max_live: int = 0             # elements (ZeRO-3): gathered parameters the prefetcher stops at
     persistence_threshold: int = 0   # ZeRO-3: parameters this small stay whole on every rank
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -47,10 +49,13 @@ class Engine:
     @classmethod
     def from_json(cls, path: str, bf16: bool = True) -> "Engine":
         """bf16 "auto" means bf16 on GPUs, which is what this plans for."""
-        zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+        ds = json.loads(Path(path).read_text())
+        zero = ds.get("zero_optimization", {})
         return cls(zero_stage=zero.get("stage", 0), bf16=bf16, overlap_comm=zero.get("overlap_comm", False),
+                   grad_accum_fp32=ds.get("data_types", {}).get("grad_accum_dtype") == "fp32",
                    reduce_bucket=int(zero.get("reduce_bucket_size", 5e8)),
                    prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 5e7)),
+                   max_live=int(zero.get("stage3_max_live_parameters", 1e9)),
                    persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 1e5)),
                    offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") != "none",
                    offload_param=zero.get("offload_param", {}).get("device", "none") != "none",
@@ -199,15 +204,15 @@ def plan(cfg: TrainConfig, engine: Engine, gpus: int, images: int | None = None,
     zero, n = engine.zero_stage, gpus
     trainable, total = counts.trainable, counts.total
 
-    if zero == 3:   # each rank holds its slice; gathered layers (up to the prefetch bucket) and small ones whole
-        gathered = min(total, engine.prefetch_bucket + counts.persistent)
+    if zero == 3:   # each rank holds its slice; gathered layers (up to max_live: prefetching stops there) and small ones
+        gathered = min(total, max(engine.max_live, engine.prefetch_bucket) + counts.persistent)
         params = gathered * b + (0 if engine.offload_param else total * b / n)
     else:
         params = total * b
     # fp32 master weights (bf16 only: in fp32 the weights are their own master) and Adam's two moments.
     state = trainable * ((4 if engine.bf16 else 0) + 8)
     optimizer = 0 if engine.offload_optimizer else state / (n if zero >= 1 else 1)
-    grads = trainable * b / (n if zero >= 2 else 1)
+    grads = trainable * (4 if engine.grad_accum_fp32 else b) / (n if zero >= 2 else 1)
     # Gradient reduction buffers of reduce_bucket elements (DeepSpeed 0.19 setup_buckets): ZeRO-1/2 keep a second
     # one with overlap_comm; ZeRO-3 one. The all-gather writes into the weights themselves (no buffer of its own).
     buckets = engine.reduce_bucket * b * (2 if zero in (1, 2) and engine.overlap_comm else 1) if zero else 0

@@ -2,9 +2,10 @@
 
     recipe + ds_config ─▶ model (pretrained init, freeze, activation checkpointing) ─▶ deepspeed.initialize
     resume: every checkpoint file loaded weights-only (no unpickling); the loader continues where the run was
-    loader (this rank's packed batches) ─▶ micro-steps: forward, non-finite guard, backward, engine.step
+    loader (this rank's packed batches) ─▶ a step's gas micro-batches, their supervised tokens counted over all ranks
+    ─▶ micro-steps: forward, non-finite guard, backward of the token-loss sum over that count, engine.step
     every step: metrics (JSONL + W&B), divergence guard; every N: eval, checkpoint (engine + every rank's loader/RNG)
-    end: checkpoint, export safetensors + config gathered from the (possibly ZeRO-3 partitioned) checkpoint
+    end: checkpoint; rank 0 exports safetensors + config from it (export_checkpoint) once the process group is gone
 
 Runs under the `deepspeed` launcher, torchrun, or as one plain python process (rank 0 of 1).
 """
@@ -75,11 +76,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     _init_distributed()
+    dist_rank = dist.get_rank()
     # On an exception this rank exits non-zero and the launcher stops the others; waiting for them here would hang.
     with _one_line_errors():
-        Trainer(cfg, args.ds_config).run()
+        final = Trainer(cfg, args.ds_config).run()
     dist.barrier()
     dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
+    if dist_rank == 0:
+        # Exported from the files just saved, after the process group is gone: no rank waits in a collective for
+        # this (a ZeRO-3 gather of the whole model on the host can outlast NCCL's timeout), and no GPU is needed.
+        with _one_line_errors():
+            export_checkpoint(final, Path(cfg.output_dir) / "export", trusted=True)
 
 
 def check_inputs(cfg: TrainConfig, ds_config: str, world: int) -> None:
@@ -124,7 +131,7 @@ class Trainer:
 
         self.model = self._build_model()
         self.resume_path = self._resume_dir()
-        self.ds_config = engine_config(ds_config_path, cfg, self.world, self.on_gpu)
+        self.ds_config, precision = engine_config(ds_config_path, cfg, self.world, self.device)
         self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
         if cfg.eval_read and self.zero_stage == 3:    # said before training, not at the first evaluation
             raise ConfigError("eval_read: generation needs whole parameters on every rank (ZeRO-0/1/2)")
@@ -139,18 +146,20 @@ class Trainer:
         self.gas = self.engine.gradient_accumulation_steps()
         self._print(f"engine: ZeRO-{self.zero_stage}, "
                     f"{'bf16' if self._bf16 else 'fp32'}, {type(optimizer).__name__}, {self.world} rank(s) x "
-                    f"{cfg.micro_batch} row(s) x {self.gas} accumulation = {cfg.global_batch} rows per step")
+                    f"{cfg.micro_batch} row(s) x {self.gas} accumulation = {cfg.global_batch} rows per step"
+                    + (f"; {precision}" if precision else ""))
         data = config.strict_overrides(cfg.data, [f"--batch_rows={cfg.micro_batch}"])
         self.loader = Loader(data, cfg.model, self.tokenizer_path, self.rank, self.world)
         self.step, self.samples_seen, self.train_seconds = 0, 0, 0.0
         self.divergence = DivergenceGuard(cfg.diverge_steps, cfg.diverge_loss)
+        self.bad_in_a_row = 0              # non-finite micro-batch losses in a row, across steps
         self.read_samples = None          # (tokenizer, this rank's share of the pages eval_read reads back)
         self.tracker = Tracker(self.out, config.to_dict(cfg), enabled=self.rank == 0, use_wandb=cfg.wandb,
                                project=cfg.wandb_project, run_name=cfg.run_name, resume=self.resume_path is not None)
         self.frozen_before = {n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad} \
             if cfg.freeze and self.zero_stage < 3 else {}
         self.image_flops = flops.image_train_flops(cfg.model, cfg.freeze)
-        self.token_flops = flops.gpt_train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.token_flops = flops.gpt_train_flops_per_token(cfg.model)
         self.peak = flops.peak_flops(torch.cuda.get_device_name(self.device)) if self.on_gpu else None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -176,37 +185,17 @@ class Trainer:
             print(text, flush=True)
 
     # ------------------------------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> Path:
+        """Train to cfg.steps; returns the final checkpoint (main exports it once no rank waits on another)."""
         self._maybe_resume()
         batches = iter(self.loader)
-        bad_in_a_row = 0
         while self.step < self.cfg.steps:
             started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
-            losses, counters, skipped_micro, grad_norms = [], {}, 0, {}
-            while len(losses) < self.gas:
-                batch = next(batches)
-                lm, reading = self._forward(batch, reading=self.cfg.reading_weight > 0)
-                loss = lm if reading is None else lm + self.cfg.reading_weight * reading
-                if self._any_rank(not torch.isfinite(loss.detach()).item()):
-                    # Every rank drops this micro-batch together (no backward, no engine.step), so the
-                    # optimizer never sees a non-finite gradient and the step is rebuilt from fresh data.
-                    bad_in_a_row, skipped_micro = bad_in_a_row + 1, skipped_micro + 1
-                    self._print(f"step {self.step}: non-finite loss, micro-batch skipped ({bad_in_a_row} in a row)")
-                    if bad_in_a_row >= self.cfg.max_bad_steps:
-                        raise TrainingError(f"{bad_in_a_row} non-finite losses in a row at step {self.step}: "
-                                            "lower the lr, check the data, or resume from an earlier checkpoint")
-                    continue
-                bad_in_a_row = 0
-                self.engine.backward(loss)
-                if len(losses) == self.gas - 1 and self._logs(self.step + 1) and self.zero_stage < 3:
-                    grad_norms = self._component_grad_norms()    # the step's gradient exists only until it is taken
-                self.engine.step()
-                losses.append(torch.stack([lm.detach(), (reading if reading is not None else lm * 0).detach()]))
-                for k, v in batch["counters"].items():
-                    counters[k] = counters.get(k, 0) + v
+            inspect = self._component_grad_norms if self._logs(self.step + 1) and self.zero_stage < 3 else None
+            sums, counters, skipped_micro, grad_norms = self.train_step([next(batches) for _ in range(self.gas)],
+                                                                        batches, inspect)
             self.step += 1
-            metrics = self._log(torch.stack(losses).mean(0), lr, counters, skipped_micro, grad_norms,
-                                time.perf_counter() - started)
+            metrics = self._log(sums, lr, counters, skipped_micro, grad_norms or {}, time.perf_counter() - started)
             # fp16's loss scaler skips overflowing steps itself (many in a row while it calibrates): not divergence.
             scaler_skipped = self.engine.fp16_enabled() and not self.engine.was_step_applied()
             self.divergence.check(self.step, metrics["loss"], None if scaler_skipped else metrics["grad_norm"],
@@ -217,8 +206,51 @@ class Trainer:
                 self.save()
         self.save()
         self._check_frozen()
-        self.export()
         self.tracker.close()
+        return self.out / CHECKPOINTS / f"step{self.step:06d}"
+
+    def train_step(self, micro_batches: list[dict], spares, inspect=None):
+        """One optimizer step on this rank's `gas` micro-batches, whose gradient is that of the mean token loss over
+        the global batch (every micro-batch of every rank), plus reading_weight x the mean reading loss per image.
+
+        Each micro-batch contributes its summed token loss over the step's global count of supervised tokens (one
+        all-reduce, before any forward), so a row with few response tokens weighs what its tokens do, not what a
+        row does. DeepSpeed would divide by gas (skipped here: scale_wrt_gas=False) and averages gradients over the
+        ranks (undone by x world size). `inspect` runs on the step's gradient, before the update; a micro-batch
+        whose loss is non-finite on any rank is replaced from `spares` on every rank.
+        Returns (this rank's (token loss sum, reading loss sum), counters, micro-batches skipped, inspect's result)."""
+        reading_on = self.cfg.reading_weight > 0
+        local = [[b["counters"].get("target_tokens", 0), b["counters"].get("vision_samples", 0)] for b in micro_batches]
+        step_tokens, step_images = (max(x, 1.0) for x in
+                                    self._sum_over_ranks(torch.tensor(local, dtype=torch.float64).sum(0)).tolist())
+        queue, done, skipped, result = list(micro_batches), 0, 0, None
+        sums, counters = torch.zeros(2, dtype=torch.float64, device=self.device), {}
+        while done < self.gas:
+            batch = queue.pop(0) if queue else next(spares)
+            n, i = (batch["counters"].get(k, 0) for k in ("target_tokens", "vision_samples"))
+            lm, reading = self._forward(batch, reading=reading_on)
+            token_sum, reading_sum = lm * n, (reading * i if reading_on else lm * 0)   # model losses are means
+            loss = self.world * (token_sum / step_tokens + self.cfg.reading_weight * reading_sum / step_images)
+            if self._any_rank_non_finite(loss):
+                # Every rank drops this micro-batch together (no backward, no engine.step), so the optimizer never
+                # sees a non-finite gradient; a fresh one takes its place (weighted by the step's count as drawn).
+                self.bad_in_a_row, skipped = self.bad_in_a_row + 1, skipped + 1
+                self._print(f"step {self.step}: non-finite loss, micro-batch skipped ({self.bad_in_a_row} in a row)")
+                if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                    raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}: "
+                                        "lower the lr, check the data, or resume from an earlier checkpoint")
+                continue
+            self.bad_in_a_row = 0
+            self.engine.backward(loss, scale_wrt_gas=False)
+            done += 1
+            if done == self.gas and inspect is not None:
+                result = inspect()              # the step's gradient exists only until it is taken
+            self.engine.step()
+            sums += torch.stack([token_sum.detach(), reading_sum.detach()]).double()
+            attention = {"squared_lengths": flops.squared_document_lengths(batch["doc_ids"])}   # for the FLOPs
+            for k, v in {**batch["counters"], **attention}.items():
+                counters[k] = counters.get(k, 0) + v
+        return sums, counters, skipped, result
 
     def _forward(self, batch: dict, pixels: torch.Tensor | None = None, reading: bool = False):
         """(cross-entropy, reading loss or None). `pixels` replaces the batch's global views (the mismatched-image
@@ -256,18 +288,19 @@ class Trainer:
     def _pixel_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self._bf16 else torch.float32
 
-    def _log(self, losses: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
+    def _log(self, sums: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
              dt: float) -> dict:
-        """`losses`: this rank's mean (cross-entropy, reading loss) over the step's micro-batches. Returns the step's
-        metrics, the same on every rank."""
-        totals = torch.tensor([*losses.float().tolist(), counters.get("tokens", 0), counters.get("samples", 0),
-                               counters.get("vision_samples", 0),
-                               sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
-        totals = self._sum_over_ranks(totals)
-        loss_mean, reading_mean = totals[0].item() / self.world, totals[1].item() / self.world
-        tokens, samples, images, skipped = (int(x) for x in totals[2:])
+        """`sums`: this rank's (token loss, reading loss) summed over the step's supervised tokens and images. Returns
+        the step's metrics, the same on every rank: the loss is the mean over the global batch's supervised tokens."""
+        counts = torch.tensor([counters.get(k, 0) for k in ("target_tokens", "tokens", "samples", "vision_samples",
+                                                            "squared_lengths")]
+                              + [sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
+        totals = self._sum_over_ranks(torch.cat([sums, counts.to(sums.device)]))     # the step's one reduction of metrics
+        target_tokens, tokens, samples, images, squared_lengths, skipped = (int(x) for x in totals[2:])
+        loss_mean, reading_mean = totals[0].item() / max(target_tokens, 1), totals[1].item() / max(images, 1)
         grad_norm = self.engine.get_global_grad_norm()
-        train_flops = tokens * self.token_flops + images * self.image_flops
+        train_flops = (tokens * self.token_flops + flops.gpt_attention_train_flops(self.cfg.model, squared_lengths)
+                       + images * self.image_flops)
         metrics = {"loss": loss_mean, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "dt_ms": dt * 1000, "tokens_per_s": tokens / dt, "samples_per_s": samples / dt,
@@ -297,6 +330,13 @@ class Trainer:
 
     def _any_rank(self, flag: bool) -> bool:
         return self._sum_over_ranks(torch.tensor([float(flag)])).item() > 0
+
+    def _any_rank_non_finite(self, loss: torch.Tensor) -> bool:
+        """Whether any rank's loss is inf or NaN. Every rank must agree before backward (ZeRO's backward hooks are
+        collectives), so this is the micro-step's one host sync: the flag is reduced where the loss lives."""
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -414,21 +454,6 @@ class Trainer:
             if not torch.equal(before, params[name].detach()):
                 raise TrainingError(f"frozen parameter {name} changed during training")
 
-    def export(self) -> Path | None:
-        """Final weights as safetensors + config.json + tokenizer.json, gathered from the checkpoint (complete under ZeRO-3)."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        out = self.out / "export"
-        if self.rank == 0:
-            tag = f"step{self.step:06d}"
-            state = get_fp32_state_dict_from_zero_checkpoint(str(self.out / CHECKPOINTS), tag=tag) \
-                if self.zero_stage > 0 else self.model.state_dict()
-            weights.export(self.model, out, state_dict=state)
-            shutil.copyfile(self.tokenizer_path, out / "tokenizer.json")   # what generation decodes with
-            print(f"exported {out}", flush=True)
-        dist.barrier()
-        return out
-
 
 # ----------------------------------------------------------------------------------------------------------------
 class DivergenceGuard:
@@ -458,6 +483,29 @@ class DivergenceGuard:
         if self.mean is not None and loss > self.ratio * self.mean:
             return f"loss {loss:.4f} above {self.ratio:g} x its running mean {self.mean:.4f}"
         return None
+
+
+def export_checkpoint(checkpoint: Path, out: Path, trusted: bool = False) -> Path:
+    """Any saved step checkpoint (ZeRO-0/1/2/3) as model.safetensors + config.json + tokenizer.json, on one process
+    without a GPU: weights gathered from the partition files by DeepSpeed's zero_to_fp32, every file loaded weights-only
+    unless `trusted`; the model config and tokenizer come from the recipe the checkpoint carries."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    states = sorted(checkpoint.glob("*model_states.pt"))     # ZeRO-3 names one per rank, rank 0's first
+    if not states:
+        raise TrainingError(f"export: {checkpoint} is not a checkpoint directory (no *model_states.pt)")
+    with _unpickling(checkpoint, "export", "--trust_checkpoint loads it", trusted=trusted):
+        client = torch.load(states[0], map_location="cpu", weights_only=not trusted)
+        if "recipe" not in client:
+            raise TrainingError(f"export: {states[0]} holds no recipe (not a checkpoint of this trainer)")
+        cfg = config.from_dict(TrainConfig, client["recipe"])
+        partitioned = any(checkpoint.glob("*optim_states.pt"))   # ZeRO >= 1; ZeRO-0 keeps whole weights in "module"
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name) \
+            if partitioned else client["module"]
+    weights.export(build_model(cfg.model, device="meta"), out, state_dict=state)
+    shutil.copyfile(cfg.tokenizer or str(TINY_TOKENIZER), out / "tokenizer.json")   # what generation decodes with
+    print(f"exported {out}", flush=True)
+    return out
 
 
 def to_universal(argv: list[str]) -> None:
@@ -507,8 +555,9 @@ def _unpickling(path: Path, what: str, opt_out: str, trusted: bool):
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
-def engine_config(path: str, cfg: TrainConfig, world: int, on_gpu: bool) -> dict:
-    """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in."""
+def engine_config(path: str, cfg: TrainConfig, world: int, device: torch.device) -> tuple[dict, str]:
+    """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in, and what
+    bf16 "auto" chose and why ("" when the config sets it)."""
     ds = json.loads(Path(path).read_text())
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
@@ -518,11 +567,24 @@ def engine_config(path: str, cfg: TrainConfig, world: int, on_gpu: bool) -> dict
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
     ds["gradient_accumulation_steps"] = cfg.global_batch // (cfg.micro_batch * world)
     ds["train_batch_size"] = cfg.global_batch
-    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    bf16, chose = ds.setdefault("bf16", {"enabled": "auto"}), ""
     if bf16.get("enabled") == "auto":
-        bf16["enabled"] = on_gpu   # these CPUs emulate bf16 several times slower than fp32
+        bf16["enabled"], why = _native_bf16(device)
+        chose = f"bf16 \"auto\" chose {'bf16' if bf16['enabled'] else 'fp32'}: {why}"
     ds.setdefault("steps_per_print", 10 ** 9)
-    return ds
+    return ds, chose
+
+
+def _native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether the device computes in bf16 natively, and why. torch's default check counts emulation (pre-Ampere
+    GPUs, CPUs), which runs several times slower than fp32."""
+    if device.type != "cuda":
+        return False, f"{device.type} emulates bf16, several times slower than fp32"
+    name = torch.cuda.get_device_name(device)
+    with torch.cuda.device(device):
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{name} supports it"
+    return False, f"{name} has no native bf16 (before compute capability 8.0)"
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:

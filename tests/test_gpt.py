@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ocr_vlm.config import GPTConfig
-from ocr_vlm.model.gpt import GPT, Documents, attention
+from ocr_vlm.model.gpt import GPT, Documents
+from ocr_vlm.model.layers import attention
 
 SMALL = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=256)
 
@@ -94,3 +95,16 @@ def test_cuda_attention_refuses_the_math_fallback_and_names_the_cause():
     q = torch.randn(1, 2, 16, 16, device="cuda", dtype=torch.float64)      # no fused kernel takes fp64
     with pytest.raises(RuntimeError, match="no fused attention kernel takes torch.float64"):
         attention(q, q, q, causal=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused-kernel rule applies on CUDA only")
+def test_cuda_masked_bf16_attention_runs_fused_and_matches_math():
+    """SAM's case: bf16 with a float relative-position bias that trains. FLASH refuses masks, so this must run on
+    EFFICIENT/cuDNN (allowed for a masked call), forward and backward, and agree with the math kernel in fp32."""
+    q, k, v = (torch.randn(2, 12, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bias = (torch.randn(2, 12, 1024, 1024, device="cuda") * 0.1).bfloat16().requires_grad_()
+    out = attention(q, k, v, mask=bias)
+    out.float().square().sum().backward()
+    assert bias.grad is not None and torch.isfinite(bias.grad).all()
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.detach().float())
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)

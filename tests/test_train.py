@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ocr_vlm import config
+from ocr_vlm import config, recipe
 from ocr_vlm.data import render
 from ocr_vlm.data.loader import Loader
 from ocr_vlm.data.shards import text_record, write_shards
 from ocr_vlm.evaluate import evaluate
 from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
+from ocr_vlm.train import engine_config
 from ocr_vlm.weights import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +134,24 @@ def test_latest_points_at_the_final_checkpoint_and_export_reloads(zero2):
         assert torch.equal(model.eval()(ids, pixel_values=pixels), reference.eval()(ids, pixel_values=pixels))
 
 
+def test_export_cli_exports_any_saved_checkpoint(zero2, tmp_path):
+    """The final checkpoint exports to the run's own end-of-run export, tensor for tensor; an earlier one to the
+    weights it saved (ZeRO-2 keeps them whole in the model states)."""
+    for tag in ("step000004", "step000008"):
+        run([sys.executable, "-m", "ocr_vlm.export", "--checkpoint", str(zero2 / "checkpoints" / tag),
+             "--out", str(tmp_path / tag)])
+    final, _ = load_exported(tmp_path / "step000008")
+    end_of_run, _ = load_exported(zero2 / "export")
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), end_of_run.state_dict().values()))
+    earlier, _ = load_exported(tmp_path / "step000004")
+    module = torch.load(zero2 / "checkpoints" / "step000004" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=True)["module"]
+    assert earlier.state_dict().keys() == module.keys()
+    assert all(torch.equal(earlier.state_dict()[k], module[k]) for k in module)
+    assert not all(torch.equal(earlier.state_dict()[k], final.state_dict()[k]) for k in module)   # another step's
+    assert (tmp_path / "step000004" / "tokenizer.json").read_bytes() == TINY_TOKENIZER.read_bytes()
+
+
 def test_resume_reproduces_the_uninterrupted_loss_trace(zero2, tmp_path):
     deepspeed(tmp_path, "--steps=8", f"--resume={zero2 / 'checkpoints' / 'step000004'}")
     uninterrupted, resumed = losses(zero2), losses(tmp_path)
@@ -226,3 +245,22 @@ def test_torchrun_launch(tmp_path):
     run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/train.py",
          "--ds_config", "ds_configs/zero2.json", f"--output_dir={tmp_path}", *TINY_RUN, "--steps=2"])
     assert sorted(losses(tmp_path)) == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_shipped_engine_configs_accumulate_in_fp32_and_say_what_bf16_auto_chose(name, tmp_path):
+    cfg = recipe.build_config(["--micro_batch=2", "--global_batch=8"])
+    ds, chose = engine_config(f"ds_configs/{name}.json", cfg, world=2, device=torch.device("cpu"))
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 8)
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"       # bf16 gradients summed over micro-batches lose bits
+    assert ds["bf16"]["enabled"] is False and chose == 'bf16 "auto" chose fp32: cpu emulates bf16, several times ' \
+                                                       'slower than fp32'
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 100_000_000                 # 2 x 191 MiB of bf16 buffers, not 2 x 954 MiB
+    if zero["stage"] == 3:       # each below the 962M-parameter model, or ZeRO-3 would gather all of it
+        assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 200_000_000
+        assert zero["stage3_prefetch_bucket_size"] == 50_000_000 and zero["stage3_param_persistence_threshold"] == 100_000
+    forced = tmp_path / "forced.json"
+    forced.write_text(json.dumps({**json.loads(Path(f"ds_configs/{name}.json").read_text()), "bf16": {"enabled": True}}))
+    ds, chose = engine_config(str(forced), cfg, world=2, device=torch.device("cpu"))
+    assert ds["bf16"]["enabled"] is True and chose == ""              # a config that says so is obeyed, unremarked

@@ -10,11 +10,10 @@ costs optimizer state (and trips DDP-style unused-parameter checks).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ocr_vlm.config import ClipConfig
-from ocr_vlm.model.layers import resize_pos_grid, run_blocks
+from ocr_vlm.model.layers import attention, resize_pos_grid, run_blocks
 
 
 class Embeddings(nn.Module):
@@ -47,7 +46,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv_proj(x).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = attention(q, k, v)
         return self.out_proj(y.transpose(1, 2).reshape(B, N, C))
 
 

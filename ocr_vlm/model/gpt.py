@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ocr_vlm.config import GPTConfig
+from ocr_vlm.model.layers import attention
 
 IGNORE_INDEX = -1          # nanochat's convention for targets that carry no loss
 LOSS_CHUNK = 256           # supervised tokens per lm_head chunk: bounds fp32 logits to LOSS_CHUNK x vocab
@@ -44,33 +44,6 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-FUSED_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]   # not MATH
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              causal: bool = False, gqa: bool = False) -> torch.Tensor:
-    """Scaled dot-product attention; on CUDA only a fused kernel may run it.
-
-    Given inputs no fused kernel takes, torch silently falls back to its math kernel, which materialises the
-    (T, T) scores of every head: a slow, memory-hungry step that looks like a working one. Here it is an error.
-    """
-    def sdpa():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-
-    if q.device.type != "cuda":
-        return sdpa()
-    try:
-        with sdpa_kernel(FUSED_ATTENTION):
-            return sdpa()
-    except RuntimeError as err:
-        if "No available kernel" not in str(err):     # torch's words when every allowed kernel refused
-            raise
-        raise RuntimeError(
-            f"no fused attention kernel takes {q.dtype} q {tuple(q.shape)}, k {tuple(k.shape)} (head dim "
-            f"{q.shape[-1]}), {'a mask' if mask is not None else 'no mask'}, enable_gqa={gqa}; torch's warnings "
-            "above give each kernel's reason") from err
 
 
 class Documents:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ocr_vlm.config import SamConfig
-from ocr_vlm.model.layers import resize_pos_grid, run_blocks
+from ocr_vlm.model.layers import attention, resize_pos_grid, run_blocks
 
 
 class LayerNorm2d(nn.Module):
@@ -74,7 +74,7 @@ class Attention(nn.Module):
         B, h, w, C = x.shape
         q, k, v = self.qkv(x).reshape(B, h * w, 3, self.heads, -1).permute(2, 0, 3, 1, 4)   # [q | k | v] rows
         bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, h, w)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        y = attention(q, k, v, mask=bias.to(q.dtype))
         return self.proj(y.transpose(1, 2).reshape(B, h, w, C))
 
 
