@@ -18,7 +18,8 @@ from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.tokenizer import TINY_TOKENIZER
 
 SUPERVISED = [3, None, None, None]     # row 0 keeps 3 supervised tokens; the others their own (85, 40, 32)
-TENSORS = ("input_ids", "targets", "position_ids", "doc_ids", "pixel_values", "reading_targets", "reading_lengths")
+TENSORS = ("input_ids", "targets", "position_ids", "doc_ids", "pixel_values", "tile_values", "tile_grids", "reading_targets",
+           "reading_lengths")
 
 
 def rows(cfg) -> list[dict]:
