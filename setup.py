@@ -15,6 +15,7 @@ setup(
         "webdataset>=1.0",
         "braceexpand",
         "pillow>=10",
+        "pyspng>=0.1",   # libspng: plain PNGs decode ~1.2x faster than with Pillow, identical pixels (image.py)
         "safetensors>=0.4",
         "tiktoken>=0.7",
         "wandb>=0.17",

@@ -3,9 +3,9 @@
     python bench/image_preprocessing.py [--pages 50] [--side 1400] [--repeats 5]
 
 Both paths take a page's encoded bytes to the (3, 1024, 1024) uint8 tensor the loader batches: A is
-`load_pixels(..., reference=True)` (decode, ImageOps.pad bicubic, tensor), B the default `load_pixels`. Decoding
-alone (`load_image`) is timed beside them: B's ceiling. Each round runs the three on every page, in turns, so a
-shared machine's slow spells hit all of them; the order rotates every round.
+`load_pixels(..., reference=True)` (Pillow's decode, ImageOps.pad bicubic, tensor), B the default `load_pixels`.
+Decoding alone (`load_array`: pyspng for plain PNGs, else Pillow) is timed beside them: B's ceiling. Each round runs
+the three on every page, in turns, so a shared machine's slow spells hit all of them; the order rotates every round.
 
 Rates are pages per CPU-second of this one-thread process, i.e. per core; the wall-clock rate beside them is lower
 when other processes share the cores. Pixels: |B - A| in uint8 levels over every page of the first round. Goal:
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ocr_vlm.data import render
-from ocr_vlm.image import load_image, load_pixels
+from ocr_vlm.image import load_array, load_pixels
 
 SIZE = 1024
 GOAL = 50.0
@@ -48,7 +48,7 @@ def encoded_pages(n: int, side: int) -> dict[str, list[bytes]]:
 
 PATHS = {"A": lambda data: load_pixels(data, SIZE, "pad", reference=True),
          "B": lambda data: load_pixels(data, SIZE, "pad"),
-         "decode": load_image}
+         "decode": load_array}
 
 
 @dataclass

@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import io
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
+import pyspng
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -40,24 +42,59 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def load_image(source: bytes | str | Path) -> Image.Image:
-    """Decode fully (so truncation is caught here), apply EXIF orientation, return an RGB image."""
-    what = "image bytes" if isinstance(source, bytes) else str(source)
+@contextmanager
+def decode_errors(what: str) -> Iterator[None]:
+    """Turn whatever decoding a user's file raises into an `ImageError` naming `what`."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat any excess as a bomb.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)   # without in_place an unrotated page is copied
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{what}: larger than Pillow's pixel limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}",
                          reason="image_too_large") from None
     except UnidentifiedImageError:
         raise ImageError(f"{what}: not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError) as e:   # truncated or corrupt data; PIL raises all three
-        raise ImageError(f"{what}: cannot decode ({e})") from None
+    except (OSError, SyntaxError, ValueError, RuntimeError) as e:   # truncated or corrupt data: PIL raises the first
+        raise ImageError(f"{what}: cannot decode ({e})") from None    # three, pyspng RuntimeError
+
+
+def describe(source: bytes | str | Path) -> str:
+    return "image bytes" if isinstance(source, bytes) else str(source)
+
+
+def load_image(source: bytes | str | Path) -> Image.Image:
+    """Decode with Pillow, apply EXIF orientation, return an RGB image."""
+    with decode_errors(describe(source)):
+        return decoded(Image.open(io.BytesIO(source) if isinstance(source, bytes) else source))
+
+
+def decoded(image: Image.Image) -> Image.Image:
+    """An opened image decoded fully (so truncation is caught here), EXIF-rotated, in RGB."""
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)   # without in_place an unrotated page is copied
     return to_rgb(image)
+
+
+def load_array(source: bytes | str | Path) -> np.ndarray:
+    """`load_image`'s pixels as (H, W, 3) uint8. Plain PNGs (`plain_png`) are decoded by libspng (pyspng) instead of
+    Pillow: identical pixels, ~1.2x faster, and no PIL image to copy out of."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    with decode_errors(describe(source)):
+        image = Image.open(io.BytesIO(data))   # reads the header, up to the pixel data; refuses a bomb by its size
+        if not plain_png(image, data):
+            return np.asarray(decoded(image))
+        pixels = pyspng.load(data)
+        return pixels if pixels.ndim == 3 and pixels.shape[2] == 3 else np.asarray(to_rgb(Image.fromarray(pixels)))
+
+
+def plain_png(header: Image.Image, data: bytes) -> bool:
+    """A PNG whose pyspng decode equals Pillow's: 8 bits per sample (data[24] is IHDR's bit depth; other depths decode
+    to other arrays), grey, RGB, RGBA or palette (pyspng expands it to RGB), no tRNS transparency (pyspng drops it) and
+    no EXIF orientation (an eXIf chunk may follow the pixel data, so the bytes are searched; a chance match in the
+    compressed data only costs the fast path)."""
+    return (header.format == "PNG" and data[24] == 8 and header.mode in ("L", "RGB", "RGBA", "P")
+            and "transparency" not in header.info and b"eXIf" not in data)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -121,12 +158,12 @@ def bicubic(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(pixels[None], size=(height, width), mode="bicubic", antialias=True)[0]
 
 
-def pixels_view(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) uint8 over a read-only export of the image, a view of (H, W, 3) memory, to be read, not kept: it
-    skips the writable copy `to_pixels` makes (4 MB for a 1400 px page, 5-10% of the fast path's time)."""
+def pixels_view(pixels: np.ndarray) -> torch.Tensor:
+    """(3, H, W) uint8 over (H, W, 3) memory, to be read, not kept: no writable copy (`to_pixels` makes one, 4 MB for
+    a 1400 px page, 5-10% of the fast path's time); `np.asarray` of a PIL image is read-only."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1)
+        return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
@@ -143,10 +180,11 @@ def load_pixels(source: bytes | str | Path | Image.Image, size: int, resize: str
                 reference: bool = False) -> torch.Tensor:
     """Decode (if needed) and fit one image: the (3, size, size) uint8 tensor a batch carries. `reference` resizes
     with PIL (`fit_square`), the definition the fast default is tested against."""
-    image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
     if reference:
+        image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
         return to_pixels(fit_square(image, size, resize))
-    return fit_square_pixels(pixels_view(image), size, resize)   # a new tensor: the view does not escape
+    pixels = np.asarray(to_rgb(source)) if isinstance(source, Image.Image) else load_array(source)
+    return fit_square_pixels(pixels_view(pixels), size, resize)   # a new tensor: the view does not escape
 
 
 def process_image(source: bytes | str | Path | Image.Image, size: int, resize: str = "pad") -> torch.Tensor:

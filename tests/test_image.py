@@ -11,7 +11,7 @@ from PIL import Image
 
 from ocr_vlm import config
 from ocr_vlm.data import render
-from ocr_vlm.image import PAD_COLOR, ImageError, load_image, load_pixels, process_image
+from ocr_vlm.image import PAD_COLOR, ImageError, load_array, load_image, load_pixels, plain_png, process_image
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -80,6 +80,40 @@ def test_transparent_pixels_go_on_white():
     assert load_image(encode(clear, "PNG")).getpixel((0, 0)) == (255, 255, 255)
 
 
+def with_alpha(image: Image.Image, alpha: Image.Image) -> Image.Image:
+    image = image.copy()
+    image.putalpha(alpha)                                         # RGB -> RGBA, L -> LA
+    return image
+
+
+def png_variants() -> dict[str, tuple[bytes, bool]]:
+    """A rendered page (with a gradient alpha where it has one) as PNGs of every kind, and whether pyspng decodes it."""
+    page = scanned_pages(1, 300)[0]
+    alpha = Image.linear_gradient("L").resize(page.size)
+    rotated = page.getexif()
+    rotated[0x0112] = 6                                           # "rotate 90 CW to display"
+    return {"RGB": (encode(page, "PNG"), True),
+            "RGBA": (encode(with_alpha(page, alpha), "PNG"), True),
+            "L": (encode(page.convert("L"), "PNG"), True),
+            "P": (encode(page.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), True),
+            "P+tRNS": (encode(page.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0), False),
+            "RGB+tRNS": (encode(page, "PNG", transparency=(255, 255, 255)), False),
+            "P 4-bit": (encode(page.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG", bits=4), False),
+            "LA": (encode(with_alpha(page.convert("L"), alpha), "PNG"), False),
+            "1": (encode(page.convert("1"), "PNG"), False),
+            "I;16": (encode(Image.fromarray(np.asarray(page.convert("L"), dtype=np.uint16) * 257), "PNG"), False),
+            "RGB+EXIF": (encode(page, "PNG", exif=rotated), False)}
+
+
+@pytest.mark.parametrize("kind", list(png_variants()))
+def test_fast_png_decode_equals_pillow(kind):
+    """libspng decodes the plain PNGs (8-bit RGB, RGBA, grey, palette) to exactly Pillow's pixels; every other PNG
+    falls back to Pillow, so the loader's pixels never depend on which decoder ran."""
+    data, fast = png_variants()[kind]
+    assert plain_png(Image.open(io.BytesIO(data)), data) == fast
+    assert np.array_equal(load_array(data), np.asarray(load_image(data)))
+
+
 def test_exif_orientation_is_applied():
     image = Image.new("RGB", (60, 20), (0, 0, 0))
     exif = image.getexif()
@@ -87,10 +121,11 @@ def test_exif_orientation_is_applied():
     assert load_image(encode(image, "JPEG", exif=exif)).size == (20, 60)
 
 
-def test_truncated_bytes_fail_clearly():
+@pytest.mark.parametrize("load", [load_image, load_array])   # Pillow's decoder, pyspng's
+def test_truncated_bytes_fail_clearly(load):
     data = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")
     with pytest.raises(ImageError, match="cannot decode"):
-        load_image(data[: len(data) // 2])
+        load(data[: len(data) // 2])
 
 
 def test_unknown_format_fails_clearly():
@@ -98,10 +133,11 @@ def test_unknown_format_fails_clearly():
         load_image(b"%PDF-1.4 definitely not an image")
 
 
-def test_decompression_bomb_fails_clearly(monkeypatch):
+@pytest.mark.parametrize("load", [load_image, load_array])   # pyspng's path checks the header before decoding
+def test_decompression_bomb_fails_clearly(monkeypatch, load):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ImageError, match="pixel limit"):
-        load_image(encode(Image.new("L", (40, 30)), "PNG"))     # 1200 px: between 1x and 2x the limit
+        load(encode(Image.new("L", (40, 30)), "PNG"))     # 1200 px: between 1x and 2x the limit
 
 
 def test_mode_token_counts_follow_the_config():
