@@ -183,8 +183,12 @@ def load_pixels(source: bytes | str | Path | Image.Image, size: int, resize: str
     if reference:
         image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
         return to_pixels(fit_square(image, size, resize))
-    pixels = np.asarray(to_rgb(source)) if isinstance(source, Image.Image) else load_array(source)
-    return fit_square_pixels(pixels_view(pixels), size, resize)   # a new tensor: the view does not escape
+    return fit_square_pixels(pixels_view(rgb_array(source)), size, resize)   # a new tensor: the view does not escape
+
+
+def rgb_array(source: bytes | str | Path | Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of a file or bytes (`load_array`'s fast path for plain PNGs) or of an opened image."""
+    return np.asarray(to_rgb(source)) if isinstance(source, Image.Image) else load_array(source)
 
 
 def process_image(source: bytes | str | Path | Image.Image, size: int, resize: str = "pad") -> torch.Tensor:
@@ -229,9 +233,8 @@ def cut_tiles(pixels: torch.Tensor, grid: tuple[int, int], tile: int) -> torch.T
 
 def load_views(source: bytes | str | Path | Image.Image, cfg: VLMConfig) -> Views:
     """Decode (if needed) and make every view of one image the model reads, as uint8."""
-    image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
-    pixels = pixels_view(image)
-    grid = tile_grid(image.width, image.height, cfg)
+    pixels = pixels_view(rgb_array(source))
+    grid = tile_grid(pixels.shape[2], pixels.shape[1], cfg)
     tiles = cut_tiles(pixels, grid, cfg.tile_size) if grid != (1, 1) else \
         torch.zeros(0, 3, cfg.tile_size, cfg.tile_size, dtype=torch.uint8)
     return Views(fit_square_pixels(pixels, cfg.image_size, cfg.image_resize), tiles, grid)
