@@ -9,6 +9,8 @@ document length and a row's attention costs 12·L·H·Dh·Σ length², not 12·L
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ocr_vlm.config import VLMConfig
@@ -74,8 +76,11 @@ def squared_document_lengths(doc_ids: torch.Tensor) -> int:
     return total
 
 
-def image_train_flops(cfg: VLMConfig, frozen: tuple[str, ...]) -> float:
-    """One image through the towers in training. Gradients flow back through a frozen CLIP when SAM trains."""
+def image_train_flops(cfg: VLMConfig, frozen: tuple[str, ...], side: int | None = None) -> float:
+    """One image (or, with `side`, one view of that side: a Gundam tile) through the towers in training. Gradients
+    flow back through a frozen CLIP when SAM trains."""
+    if side is not None:
+        cfg = dataclasses.replace(cfg, image_size=side)
     sam = sam_forward_flops(cfg) * (1 if "sam" in frozen else 3)
     clip_needs_backward = "clip" not in frozen or "sam" not in frozen
     clip = clip_forward_flops(cfg) * (3 if clip_needs_backward else 1)

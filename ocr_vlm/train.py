@@ -159,6 +159,8 @@ class Trainer:
         self.frozen_before = {n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad} \
             if cfg.freeze and self.zero_stage < 3 else {}
         self.image_flops = flops.image_train_flops(cfg.model, cfg.freeze)
+        self.tile_flops = flops.image_train_flops(cfg.model, cfg.freeze, side=cfg.model.tile_size) \
+            if cfg.model.tile_size else 0.0
         self.token_flops = flops.gpt_train_flops_per_token(cfg.model)
         self.peak = flops.peak_flops(torch.cuda.get_device_name(self.device)) if self.on_gpu else None
 
@@ -293,14 +295,14 @@ class Trainer:
         """`sums`: this rank's (token loss, reading loss) summed over the step's supervised tokens and images. Returns
         the step's metrics, the same on every rank: the loss is the mean over the global batch's supervised tokens."""
         counts = torch.tensor([counters.get(k, 0) for k in ("target_tokens", "tokens", "samples", "vision_samples",
-                                                            "squared_lengths")]
+                                                            "tiles", "squared_lengths")]
                               + [sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
         totals = self._sum_over_ranks(torch.cat([sums, counts.to(sums.device)]))     # the step's one reduction of metrics
-        target_tokens, tokens, samples, images, squared_lengths, skipped = (int(x) for x in totals[2:])
+        target_tokens, tokens, samples, images, tiles, squared_lengths, skipped = (int(x) for x in totals[2:])
         loss_mean, reading_mean = totals[0].item() / max(target_tokens, 1), totals[1].item() / max(images, 1)
         grad_norm = self.engine.get_global_grad_norm()
         train_flops = (tokens * self.token_flops + flops.gpt_attention_train_flops(self.cfg.model, squared_lengths)
-                       + images * self.image_flops)
+                       + images * self.image_flops + tiles * self.tile_flops)
         metrics = {"loss": loss_mean, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "dt_ms": dt * 1000, "tokens_per_s": tokens / dt, "samples_per_s": samples / dt,

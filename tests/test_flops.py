@@ -17,3 +17,14 @@ def test_attention_is_counted_per_document_on_a_packed_batch():
 def test_d20_per_token_flops_are_six_per_non_embedding_parameter():
     # 20 blocks of q, k, v, proj (4 x 1280²) and MLP (8 x 1280²), plus the untied lm_head (65537 x 1280)
     assert flops.gpt_train_flops_per_token(config.d20()) == 6 * (20 * 12 * 1280 ** 2 + 65537 * 1280)
+
+
+def test_a_gundam_tile_costs_the_towers_what_an_image_of_its_side_does():
+    cfg = config.d20()
+    cfg.set_mode("gundam")
+    tile = flops.image_train_flops(cfg, (), side=cfg.tile_size)
+    base = config.d20()
+    base.image_size = cfg.tile_size
+    assert tile == flops.image_train_flops(base, ())
+    # 640 px tiles: 40² SAM tokens against 64² for the 1024 px global view, and 10² vs 16² CLIP tokens
+    assert 0.3 < tile / flops.image_train_flops(cfg, ()) < 0.4

@@ -202,6 +202,7 @@ class PackedBatches(IterableDataset):
         batch["reading_targets"] = torch.tensor([b for r in reading for b in r], dtype=torch.long)
         batch["reading_lengths"] = torch.tensor([len(r) for r in reading], dtype=torch.long)
         counters["samples"] = counters["vision_samples"] + counters["text_samples"]
+        counters["tiles"] = len(batch["tile_values"])
         counters["tokens"] = int((batch["doc_ids"] >= 0).sum())
         counters["target_tokens"] = int((batch["targets"] != IGNORE_INDEX).sum())
         batch["counters"] = dict(counters)
