@@ -249,8 +249,7 @@ class Trainer:
                 result = inspect()              # the step's gradient exists only until it is taken
             self.engine.step()
             sums += torch.stack([token_sum.detach(), reading_sum.detach()]).double()
-            attention = {"squared_lengths": flops.squared_document_lengths(batch["doc_ids"])}   # for the FLOPs
-            for k, v in {**batch["counters"], **attention}.items():
+            for k, v in batch["counters"].items():
                 counters[k] = counters.get(k, 0) + v
         return sums, counters, skipped, result
 

@@ -19,6 +19,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ocr_vlm import flops
 from ocr_vlm.config import DataConfig, VLMConfig
 from ocr_vlm.data.shards import with_response
 from ocr_vlm.data.stream import Origin, SampleStream, ShardSet, Skipped
@@ -204,6 +205,7 @@ class PackedBatches(IterableDataset):
         counters["samples"] = counters["vision_samples"] + counters["text_samples"]
         counters["tiles"] = len(batch["tile_values"])
         counters["tokens"] = int((batch["doc_ids"] >= 0).sum())
+        counters["squared_lengths"] = flops.squared_document_lengths(batch["doc_ids"])   # attention's FLOPs, off the step
         counters["target_tokens"] = int((batch["targets"] != IGNORE_INDEX).sum())
         batch["counters"] = dict(counters)
         batch["state"] = {"worker": logical, "stream": state}
