@@ -61,6 +61,19 @@ def check_layout(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> dic
     return specials
 
 
+def with_image_placeholder(messages: list[dict]) -> list[dict]:
+    """A one-image conversation with its `<image>` in place: where a user turn says it (exactly once over the user
+    turns), else prepended to the first turn as `<image>\n`, DeepSeek-OCR's and LLaVA's layout."""
+    count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] != "assistant")
+    if count > 1:
+        raise TokenizerError(f"messages: {IMAGE_PLACEHOLDER} appears {count} times; a sample has one image")
+    if any(IMAGE_PLACEHOLDER in m["content"] for m in messages if m["role"] == "assistant"):
+        raise TokenizerError(f"messages: an assistant turn holds {IMAGE_PLACEHOLDER}; the image belongs to a user turn")
+    if count == 1:
+        return messages
+    return [{**messages[0], "content": f"{IMAGE_PLACEHOLDER}\n{messages[0]['content']}"}] + messages[1:]
+
+
 class Tokenizer:
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int]):
         specials = check_layout(mergeable_ranks, special_tokens)
@@ -88,28 +101,26 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------------------------------
     def render_sample(self, prompt: str, response: str, image_tokens: int) -> tuple[list[int], list[int]]:
         """One OCR sample; targets only on the response and its end token."""
-        ids, mask = self._user_turn(prompt, image_tokens)
-        body = self.encode(response) + [self.assistant_end_id]
-        return ids + body, mask + [1] * len(body)
+        self._check_image_tokens(image_tokens)
+        return self.render_conversation([{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": response}], image_tokens)
 
     def render_prompt(self, prompt: str, image_tokens: int) -> list[int]:
         """The prefix generation continues from (ends with <|assistant_start|>)."""
-        return self._user_turn(prompt, image_tokens)[0]
+        self._check_image_tokens(image_tokens)
+        return self.render_conversation([{"role": "user", "content": prompt}], image_tokens)[0] + \
+            [self.assistant_start_id]
 
-    def _user_turn(self, prompt: str, image_tokens: int) -> tuple[list[int], list[int]]:
+    @staticmethod
+    def _check_image_tokens(image_tokens: int) -> None:
         if not isinstance(image_tokens, int) or image_tokens < 1:
             raise TokenizerError(f"image_tokens: expected a positive int, got {image_tokens!r}")
-        if IMAGE_PLACEHOLDER not in prompt:
-            prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
-        ids = [self.bos_id, self.user_start_id]
-        for i, text in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
-            ids += ([self.image_id] * image_tokens if i else []) + self.encode(text)
-        ids += [self.user_end_id, self.assistant_start_id]
-        return ids, [0] * len(ids)
 
-    def render_conversation(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """A text-only nanochat conversation: user/assistant turns, an optional leading system message merged
-        into the first user turn. `<image>` in text-only data is just text."""
+    def render_conversation(self, messages: list[dict], image_tokens: int = 0) -> tuple[list[int], list[int]]:
+        """A nanochat conversation: user/assistant turns, an optional leading system message merged into the first
+        user turn, targets on every assistant turn. With `image_tokens`, the sample's one image goes where its user
+        turns say `<image>` (before the first user turn's text when none does), as that many <|image|>; without,
+        the sample has no image and `<image>` is just text."""
         if not isinstance(messages, list) or not messages:
             raise TokenizerError("messages: expected a non-empty list")
         for i, m in enumerate(messages):
@@ -120,18 +131,27 @@ class Tokenizer:
                 raise TokenizerError("messages: a system message must be followed by a user message")
             merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
             messages = [merged] + messages[2:]
+        if image_tokens:
+            messages = with_image_placeholder(messages)
         ids, mask = [self.bos_id], [0]
         for i, m in enumerate(messages):
             expected = "user" if i % 2 == 0 else "assistant"
             if m["role"] != expected:
                 raise TokenizerError(f"messages[{i}]: role {m['role']!r}, expected {expected!r} (turns alternate)")
             if expected == "user":
-                turn = [self.user_start_id] + self.encode(m["content"]) + [self.user_end_id]
+                turn = [self.user_start_id] + self._expand(m["content"], image_tokens) + [self.user_end_id]
                 ids, mask = ids + turn, mask + [0] * len(turn)
             else:
                 body = self.encode(m["content"]) + [self.assistant_end_id]
                 ids, mask = ids + [self.assistant_start_id] + body, mask + [0] + [1] * len(body)
         return ids, mask
+
+    def _expand(self, text: str, image_tokens: int) -> list[int]:
+        """User text with its `<image>` (if the sample has an image) as `image_tokens` <|image|> ids."""
+        if not image_tokens:
+            return self.encode(text)
+        before, placeholder, after = text.partition(IMAGE_PLACEHOLDER)
+        return self.encode(before) + ([self.image_id] * image_tokens if placeholder else []) + self.encode(after)
 
     # ------------------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

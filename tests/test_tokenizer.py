@@ -35,8 +35,8 @@ def test_render_sample_expands_images_and_masks_only_the_response(tok):
     assert ids[:2] == [tok.bos_id, tok.user_start_id] and ids[-1] == tok.assistant_end_id
     supervised = [i for i, m in zip(ids, mask) if m]
     assert tok.decode(supervised) == "TOTAL 12.47<|assistant_end|>"
-    two_images, _ = tok.render_sample("<image> and <image>: compare", "same", image_tokens=5)
-    assert two_images.count(tok.image_id) == 10
+    with pytest.raises(TokenizerError, match="<image> appears 2 times; a sample has one image"):
+        tok.render_sample("<image> and <image>: compare", "same", image_tokens=5)
     no_placeholder, _ = tok.render_sample("Free OCR.", "x", image_tokens=5)   # prepended as "<image>\n"
     assert no_placeholder[2:7] == [tok.image_id] * 5
     assert tok.render_prompt("<image>\nFree OCR.", 73) == ids[:ids.index(tok.assistant_start_id) + 1]
@@ -56,6 +56,20 @@ def test_render_conversation_masks_assistant_turns(tok):
     text_only, _ = tok.render_conversation([{"role": "user", "content": "<image> is text here"},
                                             {"role": "assistant", "content": "ok"}])
     assert tok.image_id not in text_only and "<image> is text here" in tok.decode(text_only)
+
+
+def test_render_conversation_with_an_image_masks_every_assistant_turn(tok):
+    turns = [{"role": "user", "content": "What is the total?\n<image>"}, {"role": "assistant", "content": "12.47"},
+             {"role": "user", "content": "And the store?"}, {"role": "assistant", "content": "CORNER MARKET"}]
+    ids, mask = tok.render_conversation(turns, image_tokens=5)
+    assert ids.count(tok.image_id) == 5 and ids.index(tok.image_id) > 2           # where the user turn put it
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "12.47<|assistant_end|>CORNER MARKET<|assistant_end|>"
+    first = [{"role": "system", "content": "Be exact."}] + [{**t, "content": t["content"].replace("\n<image>", "")}
+                                                            for t in turns]
+    ids, _ = tok.render_conversation(first, image_tokens=5)                       # none: before the first turn
+    assert ids[2:7] == [tok.image_id] * 5 and ids.count(tok.image_id) == 5
+    with pytest.raises(TokenizerError, match="an assistant turn holds <image>"):
+        tok.render_conversation(turns[:1] + [{"role": "assistant", "content": "<image>"}], image_tokens=5)
 
 
 def test_render_rejects_a_non_positive_image_count(tok):

@@ -71,26 +71,41 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Decoded:
         raise BadSample("bad_json", "json is not an object")
     meta = with_response(meta)
     image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if image_key is None:
-        if "prompt" in meta or "response" in meta:
-            raise BadSample("missing_image", "vision sample has no image member")
-        if not isinstance(meta.get("messages"), list):
-            raise BadSample("bad_fields", "text sample needs a 'messages' list")
+    if image_key is None and ("prompt" in meta or "response" in meta):
+        raise BadSample("missing_image", "vision sample has no image member")
+    if "messages" in meta:
+        messages = meta["messages"]
+    elif image_key is None:
+        raise BadSample("bad_fields", "text sample needs a 'messages' list")
+    else:
+        for name in ("prompt", "response"):
+            if not isinstance(meta.get(name), str):
+                raise BadSample("bad_fields", f"field '{name}' missing or not a string")
+        messages = [{"role": "user", "content": meta["prompt"]}, {"role": "assistant", "content": meta["response"]}]
+    views = None
+    if image_key is not None:
         try:
-            ids, mask = tokenizer.render_conversation(meta["messages"])
-        except ValueError as e:
-            raise BadSample("bad_fields", str(e)) from None
-        return Decoded(ids, mask, None, "", "")
-    for name in ("prompt", "response"):
-        if not isinstance(meta.get(name), str):
-            raise BadSample("bad_fields", f"field '{name}' missing or not a string")
+            views = load_views(sample[image_key], vlm)
+        except ImageError as e:
+            raise BadSample(e.reason, str(e)) from None
     try:
-        views = load_views(sample[image_key], vlm)
-    except ImageError as e:
-        raise BadSample(e.reason, str(e)) from None
-    # the placeholder count follows the page's own tile grid
-    ids, mask = tokenizer.render_sample(meta["prompt"], meta["response"], vlm.image_tokens_for(views.grid))
-    return Decoded(ids, mask, views, meta["prompt"], meta["response"])
+        # the placeholder count follows the page's own tile grid
+        ids, mask = tokenizer.render_conversation(messages, vlm.image_tokens_for(views.grid) if views else 0)
+    except ValueError as e:
+        raise BadSample("bad_fields", str(e)) from None
+    if views is None:
+        return Decoded(ids, mask, None, "", "")
+    # A multi-turn page is evaluated (and read by the reading head) by its first exchange.
+    user, assistant = first_exchange(messages)
+    return Decoded(ids, mask, views, user, assistant)
+
+
+def first_exchange(messages: list[dict]) -> tuple[str, str]:
+    """The first user turn (a leading system message merged in, as rendering does) and the first assistant turn."""
+    contents = [m["content"] for m in messages]
+    if messages[0]["role"] == "system":
+        contents = [contents[0] + "\n\n" + contents[1]] + contents[2:]
+    return contents[0], contents[1] if len(contents) > 1 else ""
 
 
 class PackedBatches(IterableDataset):

@@ -2,6 +2,9 @@
 
     python -m ocr_vlm.data.shards write --manifest pages.jsonl --images-root pages/ \\
         [--conversations chats.jsonl] --out shards/train [--max-count 10000] [--max-bytes 1e9] [--skip-bad]
+    python -m ocr_vlm.data.shards write --conversations llava.json --images-root images/ --out shards/chat
+    python -m ocr_vlm.data.shards write --hf-dataset ds/ --image-column image --text-column text --out shards/hf
+    python -m ocr_vlm.data.shards write --documents papers/ scans.tif [--dpi 144] --out shards/docs
     python -m ocr_vlm.data.shards index shards/foreign     # write index.json for shards made elsewhere
 
 Every record is validated as it is read: a bad one stops the run with an error naming the file and line, or with
@@ -12,6 +15,8 @@ A directory holds one shard set, described by its index.json.
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
 import math
 import re
@@ -20,20 +25,25 @@ import tarfile
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from ocr_vlm.image import to_rgb
 from ocr_vlm.tokenizer import IMAGE_PLACEHOLDER
 
-IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
+STORED_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}     # what the loader decodes, stored as supplied
+DEFAULT_PROMPT = f"{IMAGE_PLACEHOLDER}\nFree OCR."                   # DeepSeek-OCR's plain-text prompt
 # webdataset splits member names at the first dot; ustar tars hold member names of at most 100 bytes
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,90}")
 KEY_RULE = "1-90 letters, digits, '_' or '-'"
 TAR_BLOCK, TAR_RECORD = 512, 10240             # a member is a header block plus padded data; files pad to records
+# Left out and counted even without --skip-bad: a document's blank or scanned pages are expected, not errors.
+ALWAYS_SKIPPED = frozenset({"empty_page"})
 
 
 class BadRecord(ValueError):
@@ -48,12 +58,22 @@ class Record:
     meta: dict                      # becomes KEY.json
     image: bytes | None = None      # becomes KEY.png|jpg|webp
     image_ext: str = ""
+    where: str = ""                 # the input it came from (file:line, file[row], file page n), for messages
 
     def members(self) -> dict:
         sample = {"__key__": self.key, "json": json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode()}
         if self.image is not None:
             sample[self.image_ext] = self.image
         return sample
+
+
+Source = Iterator["Record | BadRecord"]      # an input's records, or in a bad record's place why it is left out
+
+
+def derived_key(name: str, number: int) -> str:
+    """A sample key for inputs without ids: the file's name (made key-safe) and the sample's number in it."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:80]
+    return f"{stem}-{number:06d}"
 
 
 def tar_bytes(sample: dict) -> int:
@@ -103,39 +123,80 @@ def vision_record(where: str, item: object, images_root: Path) -> Record:
     if not isinstance(item, dict):
         raise BadRecord("bad_json", f"{where}: expected a JSON object")
     fields = dict(with_response(item))
-    for name in ("id", "image", "prompt", "response"):
+    for name in ("image", "prompt", "response"):
         if not isinstance(fields.get(name), str) or not fields[name]:
             raise BadRecord("bad_fields", f"{where}: field '{name}' missing or not a non-empty string")
-    key = fields["id"]
-    if not KEY_PATTERN.fullmatch(key):
-        raise BadRecord("bad_fields", f"{where}: field 'id' {key!r} must be {KEY_RULE} (it names the tar members)")
+    key = record_key(where, fields)
     if fields["prompt"].count(IMAGE_PLACEHOLDER) > 1:
         raise BadRecord("bad_fields", f"{where}: field 'prompt' holds {IMAGE_PLACEHOLDER} more than once; "
                                       "a sample has one image")
-    path = images_root / fields.pop("image")
-    ext = IMAGE_SUFFIXES.get(path.suffix.lower())
-    if ext is None:
-        raise BadRecord("bad_image", f"{where}: image {path.name} is not one of {sorted(IMAGE_SUFFIXES)}")
+    data, ext = read_image(where, images_root / fields.pop("image"))
+    return Record(key, fields, data, ext, where)
+
+
+def read_image(where: str, path: Path) -> tuple[bytes, str]:
+    """An image file's bytes as a shard member (`image_member`)."""
     try:
         data = path.read_bytes()
-        with Image.open(path) as image:
-            image.verify()
     except FileNotFoundError:
         raise BadRecord("missing_image", f"{where}: image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except OSError as e:
         raise BadRecord("bad_image", f"{where}: image {path} is unreadable ({e})") from None
-    return Record(key, fields, data, ext)
+    return image_member(data, f"{where}: image {path}")
+
+
+def image_member(data: bytes, what: str) -> tuple[bytes, str]:
+    """(bytes, extension) of an image as a shard stores it: PNG, JPEG and WebP exactly as supplied; one frame in any
+    other format Pillow reads (TIFF, BMP, ...) as PNG, losslessly, since the loader decodes only those three."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                raise BadRecord("multi_image", f"{what} has {frames} frames; a sample holds one image")
+            if image.format in STORED_FORMATS:
+                image.verify()
+                return data, STORED_FORMATS[image.format]
+            return png_bytes(image), "png"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadRecord("bad_image", f"{what} is unreadable ({e})") from None
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """An image as PNG, orientation applied (a PNG carries no EXIF rotation the loader would honour)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode not in ("1", "L", "RGB"):
+        image = to_rgb(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def text_record(where: str, item: object) -> Record:
     """A conversation line {id, messages: [{role, content}, ...]} -> Record (KEY.json only)."""
     if not isinstance(item, dict):
         raise BadRecord("bad_json", f"{where}: expected a JSON object")
-    key, messages = item.get("id"), item.get("messages")
-    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
-        raise BadRecord("bad_fields", f"{where}: field 'id' missing or not {KEY_RULE}")
+    key = record_key(where, item)
     if "prompt" in item or "response" in item:     # the loader reads those as a vision sample missing its image
         raise BadRecord("bad_fields", f"{where}: a conversation carries 'messages', not 'prompt'/'response'")
+    check_turns(where, item.get("messages"))
+    if any(IMAGE_PLACEHOLDER in m["content"] for m in item["messages"]):
+        raise BadRecord("bad_fields", f"{where}: a message holds {IMAGE_PLACEHOLDER} but the record names no image "
+                                      "('image' or 'images'); without one it would train as literal text")
+    return Record(key, dict(item), where=where)
+
+
+def record_key(where: str, item: dict) -> str:
+    """The record's `id` as a sample key (a number becomes its digits)."""
+    key = item.get("id")
+    key = str(key) if isinstance(key, int) and not isinstance(key, bool) else key
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+        raise BadRecord("bad_fields", f"{where}: field 'id' {key!r} must be {KEY_RULE} (it names the tar members)")
+    return key
+
+
+def check_turns(where: str, messages: object) -> None:
+    """nanochat's conversation shape: string contents, roles user, assistant, ... after an optional system message,
+    with at least one assistant turn to learn from."""
     if not isinstance(messages, list) or not messages:
         raise BadRecord("bad_fields", f"{where}: field 'messages' missing or empty")
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
@@ -146,32 +207,33 @@ def text_record(where: str, item: object) -> Record:
                                       "(after an optional system message) and include an assistant turn")
     if any(not isinstance(m.get("content"), str) for m in messages):
         raise BadRecord("bad_fields", f"{where}: every message needs a string 'content'")
-    return Record(key, dict(item))
 
 
-def records(manifest: Path | None, images_root: Path | None, conversations: Path | None, skip_bad: bool,
-            skipped: Counter) -> Iterator[Record]:
-    sources = []
-    if manifest is not None:
-        sources.append((manifest, lambda where, item: vision_record(where, item, images_root or manifest.parent)))
-    if conversations is not None:
-        sources.append((conversations, text_record))
+def converted(items: Iterable[tuple[str, object]], make: Callable[[str, object], Record]) -> Source:
+    """Each (where, parsed item) of an input made into a Record, or the BadRecord saying why it cannot be."""
+    for where, item in items:
+        try:
+            yield item if isinstance(item, BadRecord) else make(where, item)
+        except BadRecord as e:
+            yield e
+
+
+def records(sources: Iterable[Source], skip_bad: bool, skipped: Counter) -> Iterator[Record]:
+    """The sources' records in order; a bad one stops the run, or with `skip_bad` is left out and counted."""
     seen: set[str] = set()
-    for path, make in sources:
-        for where, item in read_jsonl(path):
-            try:
-                if isinstance(item, BadRecord):
-                    raise item
-                record = make(where, item)
-                if record.key in seen:
-                    raise BadRecord("duplicate_id", f"{where}: id {record.key!r} appears twice")
-                seen.add(record.key)
-                yield record
-            except BadRecord as e:
-                if not skip_bad:
-                    raise
-                skipped[e.reason] += 1
-                print(f"skipping {e}")
+    for item in itertools.chain.from_iterable(sources):
+        try:
+            if isinstance(item, BadRecord):
+                raise item
+            if item.key in seen:
+                raise BadRecord("duplicate_id", f"{item.where}: id {item.key!r} appears twice")
+            seen.add(item.key)
+            yield item
+        except BadRecord as e:
+            if not (skip_bad or e.reason in ALWAYS_SKIPPED):
+                raise
+            skipped[e.reason] += 1
+            print(f"skipping {e}")
 
 
 def write_shards(items: Iterable[Record], out_dir: str | Path, prefix: str = "shard", max_count: int = 10_000,
@@ -260,10 +322,19 @@ def index_existing(directory: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    write = sub.add_parser("write", help="manifest / conversations -> shards + index.json")
+    write = sub.add_parser("write", help="manifest / conversations / dataset / documents -> shards + index.json")
     write.add_argument("--manifest", type=Path, help="JSONL (or JSON list) of {id, image, prompt, answer|response}")
-    write.add_argument("--images-root", type=Path, help="directory the manifest's image paths are relative to")
-    write.add_argument("--conversations", type=Path, help="JSONL of {id, messages: [{role, content}, ...]}")
+    write.add_argument("--images-root", type=Path,
+                       help="directory the manifest's and conversations' image paths are relative to")
+    write.add_argument("--conversations", type=Path,
+                       help="JSONL (or JSON list) of {id, messages: [{role, content}, ...]} or LLaVA/ShareGPT "
+                            "{id, conversations: [{from, value}, ...]}, each with an optional 'image'/'images'")
+    write.add_argument("--hf-dataset", type=Path, help="a datasets.save_to_disk directory, or parquet file(s)")
+    write.add_argument("--image-column", default="image", help="--hf-dataset's image column")
+    write.add_argument("--text-column", default="text", help="--hf-dataset's response column")
+    write.add_argument("--documents", type=Path, nargs="+", help="PDFs, multi-page TIFFs or directories of them")
+    write.add_argument("--dpi", type=float, default=144, help="--documents' PDF rendering resolution")
+    write.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt of --hf-dataset and --documents samples")
     write.add_argument("--out", type=Path, required=True)
     write.add_argument("--prefix", default="shard")
     write.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
@@ -275,12 +346,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "index":
         print(json.dumps(index_existing(args.directory)))
         return
-    if args.manifest is None and args.conversations is None:
-        parser.error("give --manifest and/or --conversations")
+    sources = input_sources(args)
+    if not sources:
+        parser.error("give --manifest, --conversations, --hf-dataset and/or --documents")
     skipped = Counter()
     try:
-        result = write_shards(records(args.manifest, args.images_root, args.conversations, args.skip_bad, skipped),
-                              args.out, args.prefix, args.max_count, args.max_bytes, skipped)
+        result = write_shards(records(sources, args.skip_bad, skipped), args.out, args.prefix, args.max_count,
+                              args.max_bytes, skipped)
     except BadRecord as e:
         hint = "" if e.reason == "bad_file" else "\n(use --skip-bad to skip and count bad records)"
         raise SystemExit(f"error: {e}{hint}") from None
@@ -288,6 +360,24 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {result['total']} samples ({result['vision']} vision, {result['text']} text) in "
           f"{len(result['shards'])} shards to {args.out}; skipped {sum(skipped.values())} {dict(skipped)}")
+
+
+def input_sources(args: argparse.Namespace) -> list[Source]:
+    """One source per input given, in a fixed order (the manifest's records first)."""
+    # Imported here: those modules build on this one, and their libraries (pyarrow, pypdfium2) load only when used.
+    from ocr_vlm.data.conversations import conversation_record
+    from ocr_vlm.data.documents import document_records
+    from ocr_vlm.data.hf_dataset import hf_records
+
+    sources = []
+    for path, make in ((args.manifest, vision_record), (args.conversations, conversation_record)):
+        if path is not None:
+            sources.append(converted(read_jsonl(path), partial(make, images_root=args.images_root or path.parent)))
+    if args.hf_dataset is not None:
+        sources.append(hf_records(args.hf_dataset, args.image_column, args.text_column, args.prompt))
+    if args.documents:
+        sources.append(document_records(args.documents, args.dpi, args.prompt))
+    return sources
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -50,33 +51,70 @@ class ShardSet:
 
     @classmethod
     def from_spec(cls, spec: str) -> "ShardSet":
-        """Shard paths from a directory, a brace pattern (`dir/x-{000000..000009}.tar`) or `::`-joined specs."""
-        paths = []
+        """Shards from `::`-joined parts, each a directory, a brace pattern (`dir/x-{000000..000009}.tar`) or an
+        index.json (the shards it lists, with their counts). A part may be a URL webdataset opens (`pipe:CMD`,
+        `http(s)://...`): a shard's count then comes from the index.json beside it, fetched the same way."""
+        listed: dict[str, int] = {}          # url -> samples, from the indexes read so far
+        urls = []
         for part in spec.split("::"):
-            part_path = Path(part)
-            if part_path.is_dir():
-                paths += sorted(part_path.glob("*.tar"))
-                continue
-            expanded = [Path(p) for p in braceexpand(part)]
-            missing = [p for p in expanded if not p.exists()]
-            if missing:
-                raise ValueError(f"shards: {missing[0]} does not exist")
-            paths += expanded
-        if not paths:
+            if file_name(part) == INDEX:
+                counts = read_index(part)
+                named = [name if REMOTE.match(name) else beside(part, name) for name in counts]
+                listed.update(zip(named, counts.values()))
+                urls += named
+            elif Path(part).is_dir():
+                urls += [str(p) for p in sorted(Path(part).glob("*.tar"))]
+            else:
+                urls += list(braceexpand(part))
+        urls = [url if REMOTE.match(url) else str(Path(url)) for url in urls]   # local: one spelling per file
+        for url in urls:
+            if not REMOTE.match(url) and not Path(url).exists():
+                raise ValueError(f"shards: {url} does not exist")
+            if url not in listed:
+                index = beside(url, INDEX)
+                counts = read_index(index)
+                listed.update({beside(index, name): count for name, count in counts.items()})
+                if url not in listed:
+                    raise ValueError(f"shards: {file_name(url)} is not listed in {index}")
+        if not urls:
             raise ValueError(f"shards: {spec!r} names no .tar files")
-        indexes: dict[Path, dict] = {}
-        counts = []
-        for path in paths:
-            index_file = path.parent / "index.json"
-            if index_file not in indexes:
-                if not index_file.exists():
-                    raise ValueError(f"shards: {index_file} is missing; write shards with `python -m ocr_vlm.data.shards` "
-                                     f"or count existing ones with `python -m ocr_vlm.data.shards index {path.parent}`")
-                indexes[index_file] = json.loads(index_file.read_text())["shards"]
-            if path.name not in indexes[index_file]:
-                raise ValueError(f"shards: {path.name} is not listed in {index_file}")
-            counts.append(int(indexes[index_file][path.name]))
-        return cls([str(p) for p in paths], counts)
+        return cls(urls, [listed[url] for url in urls])
+
+
+INDEX = "index.json"
+REMOTE = re.compile(r"[a-z][a-z0-9+.-]+:")         # pipe:, http://, s3:// ...; a local path has no scheme
+NAME = re.compile(r"[^/\s'\"]+$")                    # a URL's (or a pipe command's) last file name
+
+
+def file_name(url: str) -> str:
+    match = NAME.search(url.rstrip(" -"))           # `pipe:aws s3 cp s3://b/x.tar -` ends in its output, "-"
+    return match.group() if match else ""
+
+
+def beside(url: str, name: str) -> str:
+    """The file `name` in the same place as `url`, reached the same way (the same pipe command, the same host)."""
+    if not REMOTE.match(url):
+        return str(Path(url).parent / name)          # an absolute `name` stays itself
+    old = file_name(url)
+    at = url.rindex(old)
+    return url[:at] + name + url[at + len(old):]
+
+
+def read_index(url: str) -> dict[str, int]:
+    """An index.json's samples per shard. A fetched index may only name shards beside it (a name with a scheme
+    would be a command or a host it chose); a local one, which you wrote, may list any URLs with their counts."""
+    try:
+        with wds.gopen(url) as f:
+            index = json.loads(f.read())
+        shards = {str(name): int(count) for name, count in index["shards"].items()}
+    except FileNotFoundError:
+        raise ValueError(f"shards: {url} is missing; write shards with `python -m ocr_vlm.data.shards` or count "
+                         f"existing ones with `python -m ocr_vlm.data.shards index {Path(url).parent}`") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"shards: {url}: cannot read a shard index ({type(e).__name__}: {e})") from None
+    if REMOTE.match(url) and any(REMOTE.match(name) or "/" in name for name in shards):
+        raise ValueError(f"shards: {url} lists a shard that is not a file name beside it")
+    return shards
 
 
 def slot_ranges(shards: ShardSet, slot: int, slots: int, epoch: int, seed: int) -> list[tuple[str, int, int]]:
