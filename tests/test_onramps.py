@@ -230,3 +230,20 @@ def test_every_onramp_trains_from_pipe_shards(written, tmp_path):
     deepspeed(tmp_path, "--steps=2", f"--data.shards={spec}", ranks=1)
     trace = losses(tmp_path)
     assert sorted(trace) == [1, 2] and all(0 < loss < 20 for loss in trace.values())
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "shards" / "examples"
+
+
+@pytest.mark.parametrize("args, counts", [
+    (["--manifest", "manifest.jsonl"], (1, 0, {})),
+    (["--conversations", "llava.json"], (2, 1, {})),
+    (["--conversations", "messages.jsonl"], (1, 1, {})),
+    (["--hf-dataset", "table.parquet", "--image-column", "image", "--text-column", "text"], (2, 0, {})),
+    (["--documents", "invoice.pdf", "scan.tif"], (3, 0, {"empty_page": 1})),
+])
+def test_the_shipped_examples_convert(args, counts, tmp_path):
+    """shards/README.md's example files, one per format, as its commands write them."""
+    args = [str(EXAMPLES / a) if (EXAMPLES / a).exists() else a for a in args]
+    index = write(*args, "--out", str(tmp_path / "out"))
+    assert (index["vision"], index["text"], index["skipped"]) == counts
