@@ -207,7 +207,7 @@ def preset(name: str) -> VLMConfig:
 @dataclass
 class DataConfig:
     """What the loader streams and how it packs it; batch sizes come from the training recipe."""
-    shards: str = "shards/tier1"  # directory, brace pattern or `::`-joined list of .tar shards
+    shards: str = "shards/tier1"  # `::`-joined directories, brace patterns, index.json files; URLs (pipe:, https://) too
     text_shards: str = ""         # optional text-only conversation shards, mixed in at text_ratio
     text_ratio: float = 0.0       # fraction of samples drawn from text_shards (stage 2: 0.1)
     seq_len: int = 4096           # tokens per packed row (images count as their embeddings)

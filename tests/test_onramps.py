@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from ocr_vlm.config import DataConfig
 from ocr_vlm.data.loader import Loader, decode
+from ocr_vlm.data.shards import image_member
 from ocr_vlm.data.shards import main as shards_main
 from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.tokenizer import TINY_TOKENIZER
@@ -247,3 +248,15 @@ def test_the_shipped_examples_convert(args, counts, tmp_path):
     args = [str(EXAMPLES / a) if (EXAMPLES / a).exists() else a for a in args]
     index = write(*args, "--out", str(tmp_path / "out"))
     assert (index["vision"], index["text"], index["skipped"]) == counts
+
+
+def test_images_in_other_formats_are_stored_as_png_and_frames_count_as_images():
+    bmp, tiff = io.BytesIO(), io.BytesIO()
+    page_image("BMP").save(bmp, format="BMP")
+    page_image("ONE").save(tiff, format="TIFF", save_all=True, append_images=[page_image("TWO")])
+    data, ext = image_member(bmp.getvalue(), "x")
+    assert ext == "png" and Image.open(io.BytesIO(data)).tobytes() == page_image("BMP").tobytes()   # lossless
+    assert image_member(png("P"), "x") == (png("P"), "png")                                         # as supplied
+    with pytest.raises(ValueError, match="x has 2 frames; a sample holds one image") as e:
+        image_member(tiff.getvalue(), "x")
+    assert e.value.reason == "multi_image"

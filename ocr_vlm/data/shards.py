@@ -151,14 +151,14 @@ def image_member(data: bytes, what: str) -> tuple[bytes, str]:
     try:
         with Image.open(io.BytesIO(data)) as image:
             frames = getattr(image, "n_frames", 1)
-            if frames > 1:
-                raise BadRecord("multi_image", f"{what} has {frames} frames; a sample holds one image")
-            if image.format in STORED_FORMATS:
+            if frames == 1 and image.format in STORED_FORMATS:
                 image.verify()
                 return data, STORED_FORMATS[image.format]
-            return png_bytes(image), "png"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            if frames == 1:
+                return png_bytes(image), "png"
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise BadRecord("bad_image", f"{what} is unreadable ({e})") from None
+    raise BadRecord("multi_image", f"{what} has {frames} frames; a sample holds one image")
 
 
 def png_bytes(image: Image.Image) -> bytes:
