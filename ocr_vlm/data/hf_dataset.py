@@ -39,8 +39,8 @@ def table_rows(path: Path, columns: list[str]) -> Iterator[dict]:
     """The rows of a saved dataset or parquet file(s) as {column: Python value}, only the named columns."""
     if path.is_dir() and (path / "dataset_dict.json").exists():
         splits = sorted(p.name for p in path.iterdir() if p.is_dir())
-        raise BadRecord("bad_file", f"{path}: a DatasetDict with splits {splits}; give one split's directory, "
-                                    f"e.g. {path / splits[0]}" if splits else f"{path}: a DatasetDict with no splits")
+        raise BadRecord("bad_file", f"{path}: a DatasetDict with splits {splits}; give one split's directory "
+                                    f"({path}/SPLIT)")
     if path.is_dir() and (path / "state.json").exists():
         import datasets                         # heavy; loaded only for this input
 
