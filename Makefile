@@ -24,7 +24,7 @@ test: setup
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
-# The tier-1 demo: the tiny preset overfits the 10 shipped pages with 2 DeepSpeed CPU ranks (ZeRO-2, fp32),
+# The tier-1 demo: the mini preset overfits the 10 shipped pages with 2 DeepSpeed CPU ranks (ZeRO-2, fp32),
 # then reads them back (runs/demo/eval/report.html).
 DEMO_ARGS := --output_dir=runs/demo --steps=200 --global_batch=4 --micro_batch=1 --data.seq_len=512 \
 	--lr=3e-3 --min_lr_ratio=0.1 --warmup_steps=10 --checkpointing= --data.num_workers=1 --data.shuffle_buffer=10 \
@@ -33,21 +33,21 @@ demo: setup
 	rm -rf runs/demo
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json $(DEMO_ARGS)
 	$(PY) -m ocr_vlm.evaluate --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval \
-		--max-new-tokens 200
+		--max_new_tokens 200
 
 # Learning to read: random-string pages (ocr_vlm.data.render reading) trained from scratch with the reading head,
 # with 2 DeepSpeed CPU ranks; the held-out pages come from another seed, so the model has never seen them.
 # runs/read/eval/report.html holds the held-out CER, the image gap and the learning curve (CER by minutes, pages).
 READ_SET   ?= line
 READ_PAGES ?= 30000
-READ_ARGS  := --output_dir=runs/read --data.shards=runs/read/data/train --eval_shards=runs/read/data/heldout \
+READ_ARGS  := --output_dir=runs/read --data.shards=runs/read/data/train --val_shards=runs/read/data/heldout \
 	--steps=1500 --global_batch=2 --micro_batch=1 --data.seq_len=1024 --data.num_workers=1 --data.shuffle_buffer=500 \
 	--lr=3e-4 --warmup_steps=30 --schedule=constant --checkpointing= --model.reading_head=2,4 --reading_weight=1 \
-	--eval_every=250 --eval_read=100 --log_every=25
+	--val_every=250 --val_read=100 --log_every=25
 read: setup
 	rm -rf runs/read
 	$(PY) -m ocr_vlm.data.render reading --set $(READ_SET) --n $(READ_PAGES) --seed 1 --out runs/read/data/train
 	$(PY) -m ocr_vlm.data.render reading --set $(READ_SET) --n 200 --seed 2 --out runs/read/data/heldout
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json $(READ_ARGS)
 	$(PY) -m ocr_vlm.evaluate --checkpoint runs/read/export --shards runs/read/data/heldout --out runs/read/eval \
-		--max-new-tokens 80
+		--max_new_tokens 80

@@ -21,8 +21,8 @@ setup(
         "wandb>=0.17",
         "tqdm",
         "matplotlib",   # the evaluation report's loss curve
-        "datasets>=2.14",    # `shards write --hf-dataset`: load_from_disk (Arrow files, nothing unpickled)
-        "pyarrow>=14",       # `shards write --hf-dataset`: parquet files
+        "datasets>=2.14",    # `shards write --hf_dataset`: load_from_disk (Arrow files, nothing unpickled)
+        "pyarrow>=14",       # `shards write --hf_dataset`: parquet files
         "pypdfium2>=4",      # `shards write --documents`: PDF pages rendered, text layers read
         "numpy",
     ],

@@ -1,6 +1,6 @@
 """Peak memory of one training forward/backward with activation checkpointing off vs on, side by side.
 
-    python bench/activation_memory.py [--seq-len 2048] [--images 4] [--repeats 3] [--key=value model overrides]
+    python bench/activation_memory.py [--seq_len 2048] [--images 4] [--repeats 3] [--key=value model overrides]
 
 Each setting runs in a fresh process and reports its peak resident memory (CPU) or peak allocated memory (CUDA),
 minus what the process held before the step, so the figure is the step's activations and gradients. The two
@@ -19,7 +19,7 @@ import sys
 import torch
 
 from harness import alternate, fix_threads, parser, ratios, summary
-from ocr_vlm import config
+from ocr_vlm import cli, config
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.vlm import build_model
 
@@ -36,9 +36,9 @@ def peak_bytes(device: str) -> int:
 def one_step(args: argparse.Namespace, overrides: list[str], checkpointing: bool) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    cfg = config.strict_overrides(config.tiny(), BENCH_MODEL + overrides)
+    cfg = cli.with_args(config.mini(), BENCH_MODEL + overrides)
     model = build_model(cfg, device)
-    model.set_activation_checkpointing(sam=checkpointing, clip=checkpointing, gpt=checkpointing)
+    model.set_activation_checkpointing(config.TOWERS if checkpointing else ())
     ids = torch.randint(0, cfg.image_token_id, (1, args.seq_len), device=device)
     for i in range(args.images):
         ids[0, 1 + i * (cfg.image_tokens + 8): 1 + i * (cfg.image_tokens + 8) + cfg.image_tokens] = cfg.image_token_id
@@ -51,7 +51,7 @@ def one_step(args: argparse.Namespace, overrides: list[str], checkpointing: bool
 
 def child(setting: str, args: argparse.Namespace, overrides: list[str]) -> float:
     """Peak MB of one step with checkpointing `setting`, in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, "--child", setting, f"--seq-len={args.seq_len}",
+    out = subprocess.run([sys.executable, __file__, "--child", setting, f"--seq_len={args.seq_len}",
                           f"--images={args.images}", f"--threads={args.threads}", *overrides],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
@@ -59,7 +59,7 @@ def child(setting: str, args: argparse.Namespace, overrides: list[str]) -> float
 
 def main() -> None:
     args_parser = parser(__doc__)
-    args_parser.add_argument("--seq-len", type=int, default=2048)
+    args_parser.add_argument("--seq_len", type=int, default=2048)
     args_parser.add_argument("--images", type=int, default=4)
     args_parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     args, overrides = args_parser.parse_known_args()

@@ -1,7 +1,7 @@
 """Packed rows: per-document attention against the dense (B, 1, T, T) document mask it replaced, and a whole packed
 GPT step against a plain causal step of the same row.
 
-    python bench/attention.py [--seq-len 4096] [--doc-len 256] [--layers 1] [--vocab 4096]
+    python bench/attention.py [--seq_len 4096] [--doc_len 256] [--layers 1] [--vocab 4096]
 
 (a) attention alone, forward + backward, at d20's head shape (10 heads x 128), fp32: SDPA under the dense mask,
     which computes every pair of tokens, vs `Documents.attend`. The mask and the documents' lengths are found once
@@ -75,8 +75,8 @@ def report(title: str, runs: dict[str, list[float]]) -> list[float]:
 
 def main() -> None:
     args_parser = parser(__doc__)
-    args_parser.add_argument("--seq-len", type=int, default=4096)
-    args_parser.add_argument("--doc-len", type=int, default=256)
+    args_parser.add_argument("--seq_len", type=int, default=4096)
+    args_parser.add_argument("--doc_len", type=int, default=256)
     args_parser.add_argument("--layers", type=int, default=1)
     args_parser.add_argument("--vocab", type=int, default=4096)
     args = args_parser.parse_args()

@@ -23,7 +23,7 @@ from ocr_vlm.config import DataConfig
 from ocr_vlm.data import render
 from ocr_vlm.data.loader import Loader
 from ocr_vlm.data.shards import Record, write_shards
-from ocr_vlm.tokenizer import TINY_TOKENIZER
+from ocr_vlm.tokenizer import MINI_TOKENIZER
 
 A100_SAMPLES_PER_S = 4.9   # the prototype's measured stage-2 rate on one A100
 FORMATS = ("png", "jpg")
@@ -45,8 +45,8 @@ def pages(n: int, side: int, fmt: str) -> list[Record]:
 
 
 def measure(directory: Path, vlm: config.VLMConfig, window: float) -> float:
-    data = DataConfig(shards=str(directory), seq_len=8192, batch_rows=1, num_workers=0, shuffle_buffer=100)
-    batches = iter(Loader(data, vlm, TINY_TOKENIZER))
+    data = DataConfig(shards=str(directory), seq_len=8192, num_workers=0, shuffle_buffer=100)
+    batches = iter(Loader(data, vlm, MINI_TOKENIZER))
     next(batches)                                     # warm up: open shards, fill the shuffle buffer
     samples, start = 0, time.perf_counter()
     while time.perf_counter() - start < window:

@@ -1,10 +1,10 @@
 """How much counting attention per row would overstate a packed d20 step's FLOPs (and so its MFU).
 
-    python bench/flops_accounting.py [--seq-len 8192] [--response-tokens 1200] [--rows 64] [--stage 2]
+    python bench/flops_accounting.py [--seq_len 8192] [--response_tokens 1200] [--rows 64] [--stage 2]
 
 Packed rows attend document by document (model/gpt.py `Documents`), so a row's attention costs Σ length² over its
 documents; counting seq_len² per row, as a plain causal model would, overstates it. Documents here are vision
-samples of Base mode (273 embeddings) + a 20-token prompt + a response of uniformly 0.2x-1.8x `--response-tokens`,
+samples of Base mode (273 embeddings) + a 20-token prompt + a response of uniformly 0.2x-1.8x `--response_tokens`,
 packed first-fit into `--rows` rows (seeded). The step's FLOPs use ocr_vlm/flops.py for the GPT and the towers,
 with the stage's frozen towers. No timing: the figures are exact counts, so nothing alternates.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import random
 
-from ocr_vlm import config, flops, recipe
+from ocr_vlm import config, flops
 
 PROMPT_TOKENS = 20
 
@@ -33,14 +33,14 @@ def pack(seq_len: int, rows: int, response_tokens: int, image_tokens: int, seed:
 
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    args.add_argument("--seq-len", type=int, default=8192)
-    args.add_argument("--response-tokens", type=int, default=1200)
+    args.add_argument("--seq_len", type=int, default=8192)
+    args.add_argument("--response_tokens", type=int, default=1200)
     args.add_argument("--rows", type=int, default=64)
     args.add_argument("--stage", type=int, default=2)
     a = args.parse_args()
 
     cfg = config.d20()
-    frozen = recipe.STAGES[a.stage]["freeze"]
+    frozen = config.STAGES[a.stage](config.TrainConfig()).freeze
     rows = pack(a.seq_len, a.rows, a.response_tokens, cfg.image_tokens)
     tokens = sum(sum(row) for row in rows)
     images = sum(len(row) for row in rows)

@@ -1,16 +1,16 @@
 """KV-cache generation vs naive full recompute, then batched decoding throughput.
 
-    python bench/generation.py [--preset tiny] [--new-tokens 64] [--batches 1,8,32] [--gpt.n_embd=512 ...]
+    python bench/generation.py [--preset mini] [--new_tokens 64] [--batches 1,8,32] [--gpt.n_embd=512 ...]
 
-(1) One page, greedy, `--new-tokens` tokens: the naive path re-runs the GPT over the whole sequence at every step
+(1) One page, greedy, `--new_tokens` tokens: the naive path re-runs the GPT over the whole sequence at every step
     (what the seed prototype's `generate` did), the cached one runs only the new token; both compute the image's
     vision embeddings once. Printed as a ratio; goal >= 10x. The naive path's cost grows with the square of the
     length, so more tokens give a higher ratio (256: 11.9x on a quiet 2-core CPU); 64 keep the run near 2 minutes.
 (2) Pages per second with the KV cache at each batch size: every page its own image, the same prompt, exactly
-    `--new-tokens` tokens each.
+    `--new_tokens` tokens each.
 
-The default model is the tiny preset's towers at 512 px — 273 image embeddings, the prompt length of d20 in Base
-mode — under a 25M-parameter GPT (width 512, 8 layers): at the tiny preset's 1.3M parameters both paths are bound
+The default model is the mini preset's towers at 512 px — 273 image embeddings, the prompt length of d20 in Base
+mode — under a 25M-parameter GPT (width 512, 8 layers): at the mini preset's 1.3M parameters both paths are bound
 by Python overhead per op, not by the work a cache saves (measured there: 3.9x). Any `--key=value` overrides it.
 """
 
@@ -22,10 +22,10 @@ import time
 import torch
 
 from harness import alternate, fix_threads, parser, ratios, summary
-from ocr_vlm import config
-from ocr_vlm.engine import Engine
+from ocr_vlm import cli, config
+from ocr_vlm.generation import Generator
 from ocr_vlm.model.vlm import build_model
-from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
+from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 
 BENCH_MODEL = ["--image_size=512", "--gpt.n_embd=512", "--gpt.n_layer=8", "--gpt.n_head=4", "--gpt.n_kv_head=4"]
 PROMPT = "<image>\nFree OCR."
@@ -33,26 +33,26 @@ PROMPT = "<image>\nFree OCR."
 
 def main() -> None:
     args_parser = parser(__doc__)
-    args_parser.add_argument("--preset", default="tiny", choices=sorted(config.PRESETS))
-    args_parser.add_argument("--new-tokens", type=int, default=64)
+    args_parser.add_argument("--preset", default="mini", choices=sorted(config.PRESETS))
+    args_parser.add_argument("--new_tokens", type=int, default=64)
     args_parser.add_argument("--batches", default="1,8,32", help="batch sizes of the throughput part")
     args, overrides = args_parser.parse_known_args()
     fix_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     torch.manual_seed(0)
-    cfg = config.strict_overrides(config.preset(args.preset), BENCH_MODEL + overrides)
+    cfg = cli.with_args(config.preset(args.preset), BENCH_MODEL + overrides)
     gpt_params = 12 * cfg.gpt.n_layer * cfg.gpt.n_embd ** 2 + 2 * cfg.gpt.vocab_size * cfg.gpt.n_embd
     print(f"prompt: {cfg.image_tokens} image embeddings + text; GPT {gpt_params / 1e6:.1f}M parameters; "
           f"{args.new_tokens} new tokens, greedy; {args.threads} threads")
-    tokenizer = Tokenizer.load(TINY_TOKENIZER)
+    tokenizer = Tokenizer.load(MINI_TOKENIZER)
     model = build_model(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    # Never stop early: every page must produce exactly --new-tokens tokens.
+    # Never stop early: every page must produce exactly --new_tokens tokens.
     model.gpt.lm_head.register_forward_hook(lambda m, i, out: out.index_fill_(-1, torch.tensor(
         [tokenizer.assistant_end_id]), -1e4))
-    engine = Engine(model, tokenizer)
+    engine = Generator(model, tokenizer)
     pixels = torch.randn(max(batches), 3, cfg.image_size, cfg.image_size)
     texts = {}
 

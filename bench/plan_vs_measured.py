@@ -27,10 +27,10 @@ import sys
 import torch
 
 from harness import fix_threads, parser
-from ocr_vlm import recipe
+from ocr_vlm import cli
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.vlm import build_model
-from ocr_vlm.plan import Engine, GiB, plan
+from ocr_vlm.plan import DeepSpeedSettings, GiB, plan
 
 REDUCED = ["--preset=d20", "--model.gpt.n_layer=2", "--model.sam.depth=2", "--model.sam.global_attn_indexes=1",
            "--model.clip.depth=2", "--data.text_shards=unread", "--micro_batch=1"]
@@ -74,12 +74,12 @@ def packed_row(cfg, images: int) -> dict:
 def measure(name: str) -> float:
     """Peak bytes of the case's training step above the process's memory before the model existed."""
     overrides, images = CASES[name]
-    cfg = recipe.build_config(REDUCED + overrides)
+    cfg = cli.train_config(REDUCED + overrides)
     torch.manual_seed(0)
     before = rss_bytes()
     model = build_model(cfg.model)
-    recipe.freeze(model, cfg.freeze)
-    model.set_activation_checkpointing(**{k: k in cfg.checkpointing for k in ("sam", "clip", "gpt")})
+    model.freeze(cfg.freeze)
+    model.set_activation_checkpointing(cfg.checkpointing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=False)
     batch = packed_row(cfg, images)
     for _ in range(2):
@@ -91,8 +91,8 @@ def measure(name: str) -> float:
 
 def planned(name: str) -> dict:
     overrides, images = CASES[name]
-    cfg = recipe.build_config(REDUCED + overrides)
-    return plan(cfg, Engine(bf16=False), gpus=1, images=images, math_attention=True, overhead=False)
+    cfg = cli.train_config(REDUCED + overrides)
+    return plan(cfg, DeepSpeedSettings(bf16=False), gpus=1, images=images, math_attention=True, overhead=False)
 
 
 def main() -> None:

@@ -9,14 +9,13 @@ DATA=${DATA:?set DATA to the directory holding train/ and val/ shards}
 WEIGHTS=${WEIGHTS:-/weights}
 RANKS_PER_NODE=8
 ARGS=(
-    --preset=d20 --stage=1 --mode=base
+    --preset=d20 --stage=1
     --tokenizer="$WEIGHTS/nanochat-d20/tokenizer.json"
     --init="deepseek_ocr=$WEIGHTS/DeepSeek-OCR,nanochat=$WEIGHTS/nanochat-d20"
-    --model.gpt.sequence_len=4096
-    --data.shards="$DATA/train" --eval_shards="$DATA/val" --data.seq_len=4096 --data.num_workers=8
+    --data.shards="$DATA/train" --val_shards="$DATA/val" --data.num_workers=8
     --data.max_images=24   # python -m ocr_vlm.plan: 31.4 GiB per GPU under ZeRO-2, so 40 GB A100s fit
-    --micro_batch=4 --global_batch=512 --steps=20000 --lr=5e-5 --warmup_steps=500
-    --save_every=1000 --eval_every=1000 --output_dir=runs/d20-stage1 --resume=auto --wandb=true
+    --micro_batch=4 --global_batch=512 --steps=20000 --warmup_steps=500
+    --save_every=1000 --val_every=1000 --output_dir=runs/d20-stage1 --resume=auto --wandb=true
 )
 if [ "${NODES:-0}" = 1 ]; then exec bash launch/single_node.sh "$RANKS_PER_NODE" "${ARGS[@]}" "$@"; fi
 exec bash launch/multi_node.sh "${ARGS[@]}" "$@"

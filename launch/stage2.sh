@@ -9,15 +9,14 @@ DATA=${DATA:?set DATA to the directory holding train/, text/ and val/ shards}
 WEIGHTS=${WEIGHTS:-/weights}
 RANKS_PER_NODE=8
 ARGS=(
-    --preset=d20 --stage=2 --mode=base
+    --preset=d20 --stage=2
     --tokenizer="$WEIGHTS/nanochat-d20/tokenizer.json"
     --init="ocr_vlm=runs/d20-stage1/export,nanochat=$WEIGHTS/nanochat-d20"
-    --model.gpt.sequence_len=8192
-    --data.shards="$DATA/train" --data.text_shards="$DATA/text" --data.text_ratio=0.1
-    --eval_shards="$DATA/val" --data.seq_len=8192 --data.num_workers=8
+    --data.shards="$DATA/train" --data.text_shards="$DATA/text"
+    --val_shards="$DATA/val" --data.num_workers=8
     --data.max_images=48   # python -m ocr_vlm.plan: 27.7 GiB per GPU under ZeRO-2, so 40 GB A100s fit
-    --micro_batch=2 --global_batch=640 --steps=20000 --lr=3e-5 --warmup_steps=100
-    --save_every=1000 --eval_every=1000 --output_dir=runs/d20-stage2 --resume=auto --wandb=true
+    --micro_batch=2 --global_batch=640 --steps=20000
+    --save_every=1000 --val_every=1000 --output_dir=runs/d20-stage2 --resume=auto --wandb=true
 )
 if [ "${NODES:-0}" = 1 ]; then exec bash launch/single_node.sh "$RANKS_PER_NODE" "${ARGS[@]}" "$@"; fi
 exec bash launch/multi_node.sh "${ARGS[@]}" "$@"

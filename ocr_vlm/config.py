@@ -1,18 +1,18 @@
-"""Model configuration: one dataclass per component, two presets, `--key=value` overrides.
+"""Configuration as data: one dataclass per component, model presets, training-stage presets. No parsing here
+(`cli.py` turns `--key=value` into these); every default lives once, in a field below or in a preset.
 
-`d20` is the real nano-DeepSeek-OCR (DeepSeek-OCR's DeepEncoder + nanochat d20, ~962M params).
-`tiny` keeps every code path of d20 (windowed and global SAM blocks with rel-pos, the two
-stride-2 compressor convs, CLIP on SAM tokens, newline/separator layout) at CPU-trainable sizes.
+Model presets: `d20` is the real nano-DeepSeek-OCR (DeepSeek-OCR's DeepEncoder + nanochat d20, ~962M params).
+`mini` keeps every code path of d20 (windowed and global SAM blocks with rel-pos, the two stride-2 compressor convs,
+CLIP on SAM tokens, newline/separator layout) at CPU-trainable sizes.
+Stage presets: `stage1` (TrainConfig's own defaults) and `stage2`, as the DeepSeek-OCR paper trains.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Resolution modes of DeepSeek-OCR: processed image side, and whether the page is padded to a
 # square keeping its aspect ("pad") or stretched ("resize"), as the released code does.
@@ -23,23 +23,34 @@ RESOLUTION_MODES = {
     "large": (1280, "pad"),
 }
 # Gundam: the Base-style global view plus 640-px tiles of the stretched page (reference/deepencoder.md §1.5-1.6).
-# Sizes follow SAM's pretrained side (1024 at d20, 256 at tiny), so the tiny preset keeps the same rules at 256/160.
+# Sizes follow SAM's pretrained side (1024 at d20, 256 at mini), so the mini preset keeps the same rules at 256/160.
 GUNDAM = "gundam"
 GUNDAM_TILE = 640 / 1024          # tile side per global side
+MODES = (*RESOLUTION_MODES, GUNDAM)
+
+# The model's trainable components and their top-level modules (model/vlm.py), as freezing, checkpointing, the
+# parameter table and the gradient norms name them. The towers are built of blocks, so they can checkpoint.
+COMPONENTS = {
+    "sam": ("sam_model",),
+    "clip": ("vision_model",),
+    "projector": ("projector", "image_newline", "view_separator", "reading_head"),
+    "gpt": ("gpt",),
+}
+TOWERS = ("sam", "clip", "gpt")
 
 
 @dataclass
 class SamConfig:
     """SAM ViT image encoder + neck + the 16x conv compressor (net_2, net_3)."""
     image_size: int = 1024        # pretrained input side: sets the pos-embed grid and global rel-pos tables
-    patch_size: int = 16
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    window_size: int = 14
-    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
-    neck_channels: int = 256
+    patch_size: int = 16          # pixels per patch side
+    width: int = 768              # transformer width
+    depth: int = 12               # transformer blocks
+    heads: int = 12               # attention heads
+    mlp_ratio: float = 4.0        # MLP hidden width per width
+    window_size: int = 14         # windowed-attention side in patches
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)   # blocks with global attention (the others are windowed)
+    neck_channels: int = 256      # neck output channels
     compressor_channels: tuple[int, int] = (512, 1024)   # net_2, net_3 outputs (each 3x3 stride 2)
 
     @property
@@ -50,24 +61,24 @@ class SamConfig:
 @dataclass
 class ClipConfig:
     """CLIP-L transformer body fed with compressed SAM tokens instead of its own patch embedding."""
-    width: int = 1024
-    depth: int = 24
-    heads: int = 16
-    mlp_dim: int = 4096
+    width: int = 1024             # transformer width (= sam.compressor_channels[1])
+    depth: int = 24               # transformer layers
+    heads: int = 16               # attention heads
+    mlp_dim: int = 4096           # MLP hidden width
     pos_grid: int = 16            # pretrained position grid (16x16 patches + class token = 257 rows)
 
 
 @dataclass
 class GPTConfig:
     """nanochat GPT (d20 era): rotary, QK-norm, relu^2 MLP, parameter-free RMSNorm, untied head."""
-    sequence_len: int = 2048
+    sequence_len: int = 2048      # context length in tokens (rotary tables cover 10x); >= data.seq_len
     vocab_size: int = 65537       # nanochat's 65536 + <|image|>
-    n_layer: int = 20
+    n_layer: int = 20             # transformer blocks
     n_head: int = 10              # d20 is 10 heads of 128, not 16
-    n_kv_head: int = 10
-    n_embd: int = 1280
-    logit_softcap: float = 15.0
-    rope_base: float = 10000.0
+    n_kv_head: int = 10           # key/value heads (fewer than n_head: grouped-query attention)
+    n_embd: int = 1280            # width
+    logit_softcap: float = 15.0   # logits = cap * tanh(logits / cap)
+    rope_base: float = 10000.0    # rotary base frequency
 
     @property
     def head_dim(self) -> int:
@@ -76,6 +87,7 @@ class GPTConfig:
 
 @dataclass
 class VLMConfig:
+    """The whole model: the towers, the GPT, and how images enter the sequence."""
     sam: SamConfig = field(default_factory=SamConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     gpt: GPTConfig = field(default_factory=GPTConfig)
@@ -85,7 +97,7 @@ class VLMConfig:
     reading_head: tuple[int, ...] = ()   # (rows, cols) CTC sub-frames per vision token; () = no reading head
     tile_size: int = 0            # Gundam's local tile side (0: fixed mode, global view only)
     min_crops: int = 2            # Gundam tile grids hold min_crops..max_crops tiles (the paper trained up to 9)
-    max_crops: int = 6
+    max_crops: int = 6            # Gundam's most tiles per page
 
     @property
     def vision_grid(self) -> int:
@@ -124,16 +136,15 @@ class VLMConfig:
         """The most embeddings one image can take (image_tokens in fixed modes)."""
         return max(self.image_tokens_for(grid) for grid in self.tile_grids())
 
-    def set_mode(self, mode: str) -> None:
+    def with_mode(self, mode: str) -> "VLMConfig":
+        """A copy in a DeepSeek-OCR resolution mode: the processed side, its resize rule and Gundam's tile side."""
         if mode == GUNDAM:
-            self.image_size, self.image_resize = self.sam.image_size, "pad"
-            self.tile_size = round(self.sam.image_size * GUNDAM_TILE)
-            return
+            return replace(self, image_size=self.sam.image_size, image_resize="pad",
+                           tile_size=round(self.sam.image_size * GUNDAM_TILE))
         if mode not in RESOLUTION_MODES:
-            raise ConfigError(f"mode: unknown resolution mode {mode!r}; choose from {sorted(RESOLUTION_MODES)} "
-                              f"or {GUNDAM}")
-        self.image_size, self.image_resize = RESOLUTION_MODES[mode]
-        self.tile_size = 0
+            raise ConfigError(f"mode: unknown resolution mode {mode!r}; choose from {', '.join(MODES)}")
+        size, resize = RESOLUTION_MODES[mode]
+        return replace(self, image_size=size, image_resize=resize, tile_size=0)
 
     def validate(self) -> "VLMConfig":
         s, c, g = self.sam, self.clip, self.gpt
@@ -181,21 +192,21 @@ def d20() -> VLMConfig:
     return VLMConfig().validate()
 
 
-def tiny() -> VLMConfig:
+def mini() -> VLMConfig:
     """Same topology at widths a 2-core CPU trains in minutes: 256 px pages give 8x8 tokens (73 embeddings)."""
     return VLMConfig(
         sam=SamConfig(image_size=256, patch_size=8, width=64, depth=4, heads=2, window_size=8,
                       global_attn_indexes=(1, 3), neck_channels=32, compressor_channels=(64, 128)),
         clip=ClipConfig(width=128, depth=2, heads=2, mlp_dim=512, pos_grid=8),
-        # vocab: the shipped tiny tokenizer (753 BPE ranks + nanochat's 9 specials + <|image|>)
-        gpt=GPTConfig(sequence_len=1024, vocab_size=763, n_layer=4, n_head=2, n_kv_head=2, n_embd=128),
+        # vocab: the shipped mini tokenizer (753 BPE ranks + nanochat's 9 specials + <|image|>); context: stage 1's
+        gpt=GPTConfig(sequence_len=4096, vocab_size=763, n_layer=4, n_head=2, n_kv_head=2, n_embd=128),
         image_size=256,
         image_resize="pad",
         image_token_id=762,
     ).validate()
 
 
-PRESETS = {"d20": d20, "tiny": tiny}
+PRESETS = {"d20": d20, "mini": mini}
 
 
 def preset(name: str) -> VLMConfig:
@@ -206,22 +217,21 @@ def preset(name: str) -> VLMConfig:
 
 @dataclass
 class DataConfig:
-    """What the loader streams and how it packs it; batch sizes come from the training recipe."""
+    """What the loader streams and how it packs it; the rows per micro-batch are the recipe's micro_batch."""
     shards: str = "shards/tier1"  # `::`-joined directories, brace patterns, index.json files; URLs (pipe:, https://) too
     text_shards: str = ""         # optional text-only conversation shards, mixed in at text_ratio
     text_ratio: float = 0.0       # fraction of samples drawn from text_shards (stage 2: 0.1)
-    seq_len: int = 4096           # tokens per packed row (images count as their embeddings)
-    batch_rows: int = 1           # packed rows per micro-batch: DeepSpeed's train_micro_batch_size_per_gpu
+    seq_len: int = 4096           # tokens per packed row (images count as their embeddings); <= model.gpt.sequence_len
     max_images: int = 0           # views per micro-batch at most (0: no cap; a Gundam page is its tiles + 1): they all go through the towers at once
     num_workers: int = 2          # DataLoader worker processes per rank
     shuffle_buffer: int = 1000    # raw samples held for shuffling in each worker
-    seed: int = 0
+    seed: int = 0                 # shard order, shuffling and text/vision mixing
 
     def validate(self) -> "DataConfig":
         _check(0.0 <= self.text_ratio <= 1.0, "data.text_ratio", f"{self.text_ratio} is not in [0, 1]")
         _check(self.text_ratio == 0.0 or bool(self.text_shards), "data.text_shards",
                f"required when data.text_ratio={self.text_ratio} > 0")
-        _check(self.seq_len > 0 and self.batch_rows > 0, "data.seq_len", "seq_len and batch_rows must be positive")
+        _check(self.seq_len > 0, "data.seq_len", "must be positive")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.max_images >= 0, "data.max_images", f"{self.max_images} is not >= 0 (0: no cap)")
         return self
@@ -229,58 +239,62 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The recipe: what trains, on what, for how long, at what learning rate. The ds_config owns the engine."""
-    stage: int = 1
-    preset: str = "tiny"
-    tokenizer: str = ""           # tokenizer JSON; empty = the shipped tiny tokenizer (tiny preset only)
+    """The recipe: what trains, on what, for how long, at what learning rate. The ds_config owns the engine.
+    Its defaults are stage 1's; `stage2()` changes what stage 2 changes."""
+    preset: str = "mini"          # model preset: d20 (the real model) or mini (same topology, CPU-sized)
+    stage: int = 1                # DeepSeek-OCR training stage (1: everything trains; 2: SAM frozen, longer rows, text mixed in)
+    mode: str = ""                # resolution mode: tiny, small, base, large or gundam ("" = the preset's own)
+    tokenizer: str = ""           # tokenizer JSON; empty = the shipped mini tokenizer (mini preset only)
     init: str = ""                # pretrained weights, "format=path" items joined by ",", e.g. deepseek_ocr=/w,nanochat=/n
-    steps: int = 100
+    steps: int = 100              # optimizer steps
     micro_batch: int = 1          # packed rows per rank per micro-step
     global_batch: int = 8         # packed rows per optimizer step over all ranks (sets gradient accumulation)
-    lr: float = 5e-5
-    schedule: str = "cosine"      # cosine (warmup then cosine) | step (warmup then x decay_factor every decay_every)
-    warmup_steps: int = 10
+    lr: float = 5e-5              # peak learning rate (AdamW)
+    schedule: str = "cosine"      # cosine (warmup then cosine) | step (warmup then x decay_factor every decay_every) | constant
+    warmup_steps: int = 100       # steps of linear warmup
     min_lr_ratio: float = 0.0     # cosine floor as a fraction of lr
-    decay_every: int = 2000
-    decay_factor: float = 0.1
-    weight_decay: float = 0.0
+    decay_every: int = 2000       # step schedule: steps between decays
+    decay_factor: float = 0.1     # step schedule: lr multiplier at each decay
+    weight_decay: float = 0.0     # AdamW weight decay
     reading_weight: float = 0.0   # weight of the reading head's CTC loss (needs model.reading_head); 0 = off
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9            # AdamW beta1
+    beta2: float = 0.95           # AdamW beta2
     freeze: tuple[str, ...] = ()  # components kept bit-identical: sam, clip, projector, gpt
-    checkpointing: tuple[str, ...] = ("sam", "clip", "gpt")   # towers with per-block activation checkpointing
-    output_dir: str = "runs/stage1"
+    checkpointing: tuple[str, ...] = TOWERS   # towers with per-block activation checkpointing (sam, clip, gpt)
+    output_dir: str = "runs/stage1"   # checkpoints, metrics.jsonl, config.json and the export go here
     resume: str = ""              # "" (fresh), "auto" (latest in output_dir if any) or a checkpoint directory
     trust_checkpoint: bool = False  # resume may unpickle arbitrary objects (only for checkpoints you made yourself)
     save_every: int = 0           # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3     # newest checkpoints kept (0: all); one of d20 with its Adam state is ~13 GB
-    eval_every: int = 0           # steps between evaluations on eval_shards (0: never)
-    eval_shards: str = ""
-    eval_read: int = 0            # val pages read back (greedy generation, CER) at each evaluation; 0 = none
-    eval_read_tokens: int = 64    # new tokens at most per page read back
-    log_every: int = 1
+    val_every: int = 0            # steps between validations on val_shards (0: never)
+    val_shards: str = ""          # held-out shards for validation loss, image gap and read-back
+    val_read: int = 0             # val pages read back (greedy generation, CER) at each validation; 0 = none
+    val_read_tokens: int = 64     # new tokens at most per page read back
+    log_every: int = 1            # steps between printed step lines (every step is in metrics.jsonl)
     max_bad_steps: int = 5        # consecutive non-finite losses tolerated (each skipped) before stopping
     diverge_steps: int = 3        # consecutive diverged steps (zero/non-finite grad norm, loss spike) that stop a run
     diverge_loss: float = 3.0     # a step's loss above this multiple of its running mean counts as diverged
-    wandb: bool = False
-    wandb_project: str = "ocr_vlm"
-    run_name: str = ""
-    seed: int = 0
-    model: VLMConfig = field(default_factory=tiny)
+    wandb: bool = False           # also log to Weights & Biases (offline without an API key)
+    wandb_project: str = "ocr_vlm"   # W&B project
+    run_name: str = ""            # W&B run name (default: the output directory's name)
+    seed: int = 0                 # Python, numpy and torch RNGs
+    model: VLMConfig = field(default_factory=mini)
     data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> "TrainConfig":
-        _check(self.stage in (1, 2), "stage", f"{self.stage} is not 1 or 2")
+        _check(self.preset in PRESETS, "preset", f"{self.preset!r} is not one of {', '.join(PRESETS)}")
+        _check(self.stage in STAGES, "stage", f"{self.stage} is not 1 or 2")
+        _check(self.mode in ("", *MODES), "mode", f"{self.mode!r} is not one of {', '.join(MODES)}")
         _check(self.schedule in ("cosine", "step", "constant"), "schedule", f"{self.schedule!r} is not cosine|step|constant")
         _check(self.steps > 0, "steps", "must be positive")
         _check(math.isfinite(self.lr) and self.lr > 0, "lr", f"{self.lr} is not a positive finite number")
+        _check(self.micro_batch > 0, "micro_batch", "must be positive")
         _check(self.global_batch % self.micro_batch == 0, "global_batch",
                f"{self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
-        components = ("sam", "clip", "projector", "gpt")
         for name in self.freeze:
-            _check(name in components, "freeze", f"{name!r} is not one of {components}")
+            _check(name in COMPONENTS, "freeze", f"{name!r} is not one of {', '.join(COMPONENTS)}")
         for name in self.checkpointing:
-            _check(name in ("sam", "clip", "gpt"), "checkpointing", f"{name!r} is not one of sam, clip, gpt")
+            _check(name in TOWERS, "checkpointing", f"{name!r} is not one of {', '.join(TOWERS)}")
         _check(self.reading_weight >= 0, "reading_weight", "must be >= 0")
         _check(self.keep_checkpoints >= 0, "keep_checkpoints", f"{self.keep_checkpoints} is not >= 0 (0: keep all)")
         _check(self.diverge_steps > 0, "diverge_steps", "must be positive")
@@ -290,6 +304,8 @@ class TrainConfig:
         self.model.validate()
         self.data.validate()
         m = self.model
+        _check(self.data.seq_len <= m.gpt.sequence_len, "data.seq_len",
+               f"{self.data.seq_len} exceeds the model's context model.gpt.sequence_len={m.gpt.sequence_len}")
         _check(self.data.seq_len > m.max_image_tokens, "data.seq_len",
                f"{self.data.seq_len} cannot hold one image's {m.max_image_tokens} embeddings")
         # The cap counts views (a Gundam page is its tiles + 1 global view), so it must hold the largest page.
@@ -299,83 +315,27 @@ class TrainConfig:
         return self
 
 
-# ----------------------------------------------------------------------------------------------
-# --key=value overrides, typed by the dataclass fields. Nested fields use dots: --gpt.n_head=10.
-
-def apply_overrides(cfg, args: list[str]) -> list[str]:
-    """Apply `--key=value` items whose key names a field of `cfg` (dotted for nested dataclasses).
-
-    Returns the items that are not `--key=value` pairs of this config so a caller with several
-    configs can route them; `strict_overrides` rejects leftovers.
-    """
-    rest = []
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"{arg!r}: overrides are written --key=value")
-        key, value = arg[2:].split("=", 1)
-        key = key.replace("-", "_")
-        target, name = _resolve(cfg, key)
-        if target is None:
-            rest.append(arg)
-            continue
-        setattr(target, name, _parse(value, _field_type(target, name), key))
-    return rest
+def with_context(cfg: TrainConfig, seq_len: int) -> TrainConfig:
+    """Rows of `seq_len` tokens, and the GPT's context to match (a stage trains at its row length)."""
+    return replace(cfg, data=replace(cfg.data, seq_len=seq_len),
+                   model=replace(cfg.model, gpt=replace(cfg.model.gpt, sequence_len=seq_len)))
 
 
-def strict_overrides(cfg, args: list[str]):
-    """Return a copy of `cfg` with the overrides applied; an unknown key is an error naming it."""
-    cfg = copy.deepcopy(cfg)
-    unknown = apply_overrides(cfg, args)
-    if unknown:
-        raise ConfigError(f"{unknown[0].split('=')[0]}: unknown key for {type(cfg).__name__}")
-    return cfg.validate() if hasattr(cfg, "validate") else cfg
+def stage1(cfg: TrainConfig) -> TrainConfig:
+    """Everything trains, AdamW lr 5e-5, warmup then cosine, rows of 4096 tokens, vision data only: TrainConfig's
+    own defaults, with the model's context set to the rows'."""
+    return with_context(replace(cfg, stage=1), cfg.data.seq_len)
 
 
-def _resolve(cfg, key: str):
-    *path, name = key.split(".")
-    target = cfg
-    for part in path:
-        if not dataclasses.is_dataclass(target) or part not in _field_names(target):
-            return None, name
-        target = getattr(target, part)
-    if not dataclasses.is_dataclass(target) or name not in _field_names(target):
-        return None, name
-    if dataclasses.is_dataclass(getattr(target, name)):
-        raise ConfigError(f"{key}: is a section; set its fields, e.g. --{key}.<field>=...")
-    return target, name
+def stage2(cfg: TrainConfig) -> TrainConfig:
+    """SAM + compressor frozen; CLIP, projector and GPT train at lr 3e-5, x0.1 every 2000 steps, rows of 8192 tokens
+    with 10% text-only conversations."""
+    cfg = replace(cfg, stage=2, lr=3e-5, schedule="step", freeze=("sam",), output_dir="runs/stage2",
+                  data=replace(cfg.data, text_ratio=0.1))
+    return with_context(cfg, 8192)
 
 
-def _field_names(obj) -> set[str]:
-    return {f.name for f in dataclasses.fields(obj)}
-
-
-def _field_type(obj, name: str):
-    return typing.get_type_hints(type(obj))[name]
-
-
-def _parse(text: str, typ, key: str):
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        options = [t for t in typing.get_args(typ) if t is not type(None)]
-        if text.lower() in ("none", "null", ""):
-            return None
-        return _parse(text, options[0], key)
-    if origin is tuple:
-        items = [t for t in text.replace("(", "").replace(")", "").split(",") if t.strip()]
-        item_type = typing.get_args(typ)[0]
-        return tuple(_parse(t.strip(), item_type, key) for t in items)
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected a boolean, got {text!r}")
-    if typ in (int, float):
-        try:
-            return typ(text)
-        except ValueError:
-            raise ConfigError(f"{key}: expected {typ.__name__}, got {text!r}") from None
-    return text
+STAGES = {1: stage1, 2: stage2}
 
 
 def to_dict(cfg) -> dict:

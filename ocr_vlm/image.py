@@ -9,7 +9,7 @@ definition. `load_pixels` runs the same filter through torch's antialiased uint8
 faster than PIL's on one core; it differs by rounding only, at most 2 levels on a few values in ten thousand.
 
 Every failure a user's file can cause — truncated bytes, an unknown format, a decompression bomb — surfaces as
-`ImageError` with a message saying what is wrong, never as an exception from deep inside PIL.
+`Rejected` with a message saying what is wrong, never as an exception from deep inside PIL.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import io
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -29,34 +30,29 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ocr_vlm import config
 from ocr_vlm.config import VLMConfig
+from ocr_vlm.rejected import Rejected
 
-PAD_COLOR = (127, 127, 127)   # int(0.5 * 255): the normalisation mean, so padding is ~0 after normalising
-MEAN = STD = 0.5
-
-
-class ImageError(ValueError):
-    """An image could not be decoded or converted; the message says why, `reason` names the kind for counters."""
-
-    def __init__(self, message: str, reason: str = "bad_image"):
-        super().__init__(message)
-        self.reason = reason
+PAD_COLOR = (127, 127, 127)   # int(0.5 * 255): the model's normalisation mean, so padding is ~0 after normalising
+# The image formats a shard stores as supplied (Pillow's format -> member extension); the writer converts any other.
+STORED_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+IMAGE_MEMBERS = (*STORED_FORMATS.values(), "jpeg")   # what the loader reads ("jpeg": shards written by other tools)
 
 
 @contextmanager
 def decode_errors(what: str) -> Iterator[None]:
-    """Turn whatever decoding a user's file raises into an `ImageError` naming `what`."""
+    """Turn whatever decoding a user's file raises into a `Rejected` naming `what`."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat any excess as a bomb.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{what}: larger than Pillow's pixel limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}",
-                         reason="image_too_large") from None
+        raise Rejected("image_too_large",
+                       f"{what}: larger than Pillow's pixel limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{what}: not a recognised image format") from None
+        raise Rejected("bad_image", f"{what}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, RuntimeError) as e:   # truncated or corrupt data: PIL raises the first
-        raise ImageError(f"{what}: cannot decode ({e})") from None    # three, pyspng RuntimeError
+        raise Rejected("bad_image", f"{what}: cannot decode ({e})") from None   # three, pyspng RuntimeError
 
 
 def describe(source: bytes | str | Path) -> str:
@@ -171,11 +167,6 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def normalize(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 pixels -> [-1, 1] as ToTensor + Normalize(mean 0.5, std 0.5); run it on the device."""
-    return (pixels.to(dtype) / 255.0 - MEAN) / STD
-
-
 def load_pixels(source: bytes | str | Path | Image.Image, size: int, resize: str = "pad",
                 reference: bool = False) -> torch.Tensor:
     """Decode (if needed) and fit one image: the (3, size, size) uint8 tensor a batch carries. `reference` resizes
@@ -189,11 +180,6 @@ def load_pixels(source: bytes | str | Path | Image.Image, size: int, resize: str
 def rgb_array(source: bytes | str | Path | Image.Image) -> np.ndarray:
     """(H, W, 3) uint8 pixels of a file or bytes (`load_array`'s fast path for plain PNGs) or of an opened image."""
     return np.asarray(to_rgb(source)) if isinstance(source, Image.Image) else load_array(source)
-
-
-def process_image(source: bytes | str | Path | Image.Image, size: int, resize: str = "pad") -> torch.Tensor:
-    """The (3, size, size) float tensor the encoder takes."""
-    return normalize(load_pixels(source, size, resize))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,20 +236,20 @@ def stack_views(views: list[Views], cfg: VLMConfig) -> tuple[torch.Tensor, torch
 
 
 def add_mode_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
-    """--mode and --max_crops, for the tools that read pages (layout, generate, evaluate)."""
+    """--mode and --max_crops, for the tools that read pages (layout, generate, report)."""
     parser.add_argument("--mode", default=default, help=f"{', '.join(config.RESOLUTION_MODES)} or {config.GUNDAM}"
                         + ("" if default else " (default: the mode the model was trained in)"))
     parser.add_argument("--max_crops", type=int, help="Gundam's most tiles per page (default 6; the paper: 9)")
 
 
-def apply_mode(cfg: VLMConfig, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Set the parsed --mode/--max_crops on `cfg`; a bad value is a one-line usage error naming the field."""
+def apply_mode(cfg: VLMConfig, args: argparse.Namespace, parser: argparse.ArgumentParser) -> VLMConfig:
+    """`cfg` with the parsed --mode/--max_crops; a bad value is a one-line usage error naming the field."""
     try:
         if args.mode:
-            cfg.set_mode(args.mode)
+            cfg = cfg.with_mode(args.mode)
         if args.max_crops is not None:
-            cfg.max_crops = args.max_crops
-        cfg.validate()
+            cfg = replace(cfg, max_crops=args.max_crops)
+        return cfg.validate()
     except config.ConfigError as e:
         parser.error(str(e))
 
@@ -275,8 +261,7 @@ def layout_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="d20", choices=sorted(config.PRESETS))
     parser.add_argument("sizes", nargs="+", metavar="WIDTHxHEIGHT")
     args = parser.parse_args(argv)
-    cfg = config.preset(args.preset)
-    apply_mode(cfg, args, parser)
+    cfg = apply_mode(config.preset(args.preset), args, parser)
     for size in args.sizes:
         try:
             width, height = (int(n) for n in size.lower().split("x"))

@@ -14,16 +14,15 @@ equivalents, see images_per_micro_batch).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ocr_vlm import recipe
+from ocr_vlm import cli
 from ocr_vlm.config import ConfigError, TrainConfig
 from ocr_vlm.model.gpt import LOSS_CHUNK
-from ocr_vlm.model.vlm import COMPONENTS, build_model
+from ocr_vlm.model.vlm import build_model, parameter_counts as component_counts
 
 GiB = 2 ** 30
 SHIPPED = ("ds_configs/zero2.json", "ds_configs/zero3.json", "ds_configs/zero3_offload.json")
@@ -32,7 +31,7 @@ FRAGMENTATION = 0.10          # allocator slack on the dynamic part (activations
 
 
 @dataclass
-class Engine:
+class DeepSpeedSettings:
     """What the ds_config decides about memory. bf16: bf16 weights and gradients with fp32 master weights."""
     zero_stage: int = 0
     bf16: bool = True
@@ -47,7 +46,7 @@ class Engine:
     name: str = "plain"
 
     @classmethod
-    def from_json(cls, path: str, bf16: bool = True) -> "Engine":
+    def from_json(cls, path: str, bf16: bool = True) -> "DeepSpeedSettings":
         """bf16 "auto" means bf16 on GPUs, which is what this plans for."""
         ds = json.loads(Path(path).read_text())
         zero = ds.get("zero_optimization", {})
@@ -72,9 +71,8 @@ class Counts:
 
 def parameter_counts(cfg: TrainConfig, persistence_threshold: int = 0) -> Counts:
     model = build_model(cfg.model, device="meta")
-    recipe.freeze(model, cfg.freeze)
-    by = {name: (sum(p.numel() for p in model.component_parameters(name)),
-                 sum(p.numel() for p in model.component_parameters(name) if p.requires_grad)) for name in COMPONENTS}
+    model.freeze(cfg.freeze)
+    by = component_counts(model)
     persistent = sum(p.numel() for p in model.parameters() if p.numel() <= persistence_threshold)
     return Counts(sum(n for n, _ in by.values()), sum(t for _, t in by.values()), persistent, by)
 
@@ -194,28 +192,28 @@ def activation_peak(act: dict[str, float], gpt_checkpointed: bool) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def plan(cfg: TrainConfig, engine: Engine, gpus: int, images: int | None = None, math_attention: bool = False,
+def plan(cfg: TrainConfig, ds: DeepSpeedSettings, gpus: int, images: int | None = None, math_attention: bool = False,
          overhead: bool = True, counts: Counts | None = None) -> dict[str, float]:
     """Bytes per GPU at the step's peak, by term; `total` sums the terms in use. `counts` saves rebuilding the
     meta model when only batch sizes change."""
-    counts = counts or parameter_counts(cfg, engine.persistence_threshold)
+    counts = counts or parameter_counts(cfg, ds.persistence_threshold)
     images = images_per_micro_batch(cfg) if images is None else images
-    b = 2 if engine.bf16 else 4
-    zero, n = engine.zero_stage, gpus
+    b = 2 if ds.bf16 else 4
+    zero, n = ds.zero_stage, gpus
     trainable, total = counts.trainable, counts.total
 
     if zero == 3:   # each rank holds its slice; gathered layers (up to max_live: prefetching stops there) and small ones
-        gathered = min(total, max(engine.max_live, engine.prefetch_bucket) + counts.persistent)
-        params = gathered * b + (0 if engine.offload_param else total * b / n)
+        gathered = min(total, max(ds.max_live, ds.prefetch_bucket) + counts.persistent)
+        params = gathered * b + (0 if ds.offload_param else total * b / n)
     else:
         params = total * b
     # fp32 master weights (bf16 only: in fp32 the weights are their own master) and Adam's two moments.
-    state = trainable * ((4 if engine.bf16 else 0) + 8)
-    optimizer = 0 if engine.offload_optimizer else state / (n if zero >= 1 else 1)
-    grads = trainable * (4 if engine.grad_accum_fp32 else b) / (n if zero >= 2 else 1)
+    state = trainable * ((4 if ds.bf16 else 0) + 8)
+    optimizer = 0 if ds.offload_optimizer else state / (n if zero >= 1 else 1)
+    grads = trainable * (4 if ds.grad_accum_fp32 else b) / (n if zero >= 2 else 1)
     # Gradient reduction buffers of reduce_bucket elements (DeepSpeed 0.19 setup_buckets): ZeRO-1/2 keep a second
     # one with overlap_comm; ZeRO-3 one. The all-gather writes into the weights themselves (no buffer of its own).
-    buckets = engine.reduce_bucket * b * (2 if zero in (1, 2) and engine.overlap_comm else 1) if zero else 0
+    buckets = ds.reduce_bucket * b * (2 if zero in (1, 2) and ds.overlap_comm else 1) if zero else 0
 
     elements = activation_terms(cfg, images, math_attention)
     act = {k: v * b for k, v in elements.items() if not k.startswith("loss")}
@@ -231,12 +229,12 @@ def plan(cfg: TrainConfig, engine: Engine, gpus: int, images: int | None = None,
     return out
 
 
-def largest(cfg: TrainConfig, engine: Engine, gpus: int, budget: float, field: str, limit: int) -> int:
+def largest(cfg: TrainConfig, ds: DeepSpeedSettings, gpus: int, budget: float, field: str, limit: int) -> int:
     """Largest `field` ("micro_batch" or "max_images") up to `limit` whose plan fits `budget` bytes; 0: none."""
-    best, counts = 0, parameter_counts(cfg, engine.persistence_threshold)
+    best, counts = 0, parameter_counts(cfg, ds.persistence_threshold)
     for value in range(1, limit + 1):
         trial = with_sizes(cfg, **{field: value})
-        if plan(trial, engine, gpus, counts=counts)["total"] > budget:
+        if plan(trial, ds, gpus, counts=counts)["total"] > budget:
             break
         best = value
     return best
@@ -244,12 +242,8 @@ def largest(cfg: TrainConfig, engine: Engine, gpus: int, budget: float, field: s
 
 def with_sizes(cfg: TrainConfig, micro_batch: int | None = None, max_images: int | None = None) -> TrainConfig:
     """A copy of `cfg` with other batch sizes (max_images=0: uncapped)."""
-    out = copy.deepcopy(cfg)
-    if micro_batch is not None:
-        out.micro_batch = micro_batch
-    if max_images is not None:
-        out.data.max_images = max_images
-    return out
+    return replace(cfg, micro_batch=cfg.micro_batch if micro_batch is None else micro_batch,
+                   data=replace(cfg.data, max_images=cfg.data.max_images if max_images is None else max_images))
 
 
 ROWS = [("params", "weights"), ("master_and_adam", "fp32 master + Adam"), ("gradients", "gradients"),
@@ -268,27 +262,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu_mem", type=float, default=80, help="GiB per GPU")
     args, overrides = parser.parse_known_args(argv)
     try:    # stage 2 requires text shards; the plan never reads data, so a placeholder stands in unless given
-        cfg = recipe.build_config(["--data.text_shards=unread", *overrides])
+        cfg = cli.train_config(["--data.text_shards=unread", *overrides])
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    engines = [Engine.from_json(p) for p in args.ds_config]
-    plans = [plan(cfg, e, args.gpus) for e in engines]
+    settings = [DeepSpeedSettings.from_json(p) for p in args.ds_config]
+    plans = [plan(cfg, e, args.gpus) for e in settings]
     counts = parameter_counts(cfg)
     print(f"{cfg.preset}, stage {cfg.stage}: {counts.total / 1e6:,.1f}M parameters, {counts.trainable / 1e6:,.1f}M "
           f"trainable (frozen: {','.join(cfg.freeze) or 'none'}); {args.gpus} GPUs, bf16; micro_batch "
           f"{cfg.micro_batch} x {cfg.data.seq_len} tokens, {plans[0]['images']} images "
           f"({'data.max_images' if cfg.data.max_images else 'no cap: the packer worst case'}); "
           f"checkpointing {','.join(cfg.checkpointing) or 'off'}")
-    print(f"{'GiB per GPU':<26}" + "".join(f"{e.name:>15}" for e in engines))
+    print(f"{'GiB per GPU':<26}" + "".join(f"{e.name:>15}" for e in settings))
     for key, label in ROWS:
         print(f"{label:<26}" + "".join(f"{p[key] / GiB:>15.2f}" for p in plans))
     budget = args.gpu_mem * GiB
     print(f"fits {args.gpu_mem:g} GiB:")
     print(f"{'  largest micro_batch':<26}" + "".join(
-        f"{largest(cfg, e, args.gpus, budget, 'micro_batch', 64):>15}" for e in engines))
+        f"{largest(cfg, e, args.gpus, budget, 'micro_batch', 64):>15}" for e in settings))
     print(f"{'  largest data.max_images':<26}" + "".join(
         f"{largest(cfg, e, args.gpus, budget, 'max_images', images_per_micro_batch(with_sizes(cfg, max_images=0))):>15}"
-        for e in engines))
+        for e in settings))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 IMAGE_TOKEN = "<|image|>"
 IMAGE_PLACEHOLDER = "<image>"     # what prompts write (DeepSeek-OCR style); expanded to the image's embedding count
 FORMAT = "ocr_vlm-tokenizer-v1"
-# The tiny preset's tokenizer, trained on the synthetic renderer's corpus:
+# The mini preset's tokenizer, trained on the synthetic renderer's corpus:
 #   python -m ocr_vlm.data.render corpus --n 3000 --out corpus.txt
-#   python -m ocr_vlm.tokenizer train --input corpus.txt --vocab-size 2048 --out ocr_vlm/assets/tiny_tokenizer.json
+#   python -m ocr_vlm.tokenizer train --input corpus.txt --vocab_size 2048 --out ocr_vlm/assets/mini_tokenizer.json
 # (the corpus supports only 753 merges+bytes, so training stops there: 763 tokens with the specials and <|image|>)
-TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
+MINI_TOKENIZER = Path(__file__).parent / "assets" / "mini_tokenizer.json"
 
 
 class TokenizerError(ValueError):
@@ -186,8 +186,8 @@ class Tokenizer:
         path = Path(directory) / "tokenizer.pkl"
         if not trust_pickle:
             raise TokenizerError(f"{path} is a pickle, and loading a pickle can run arbitrary code. If you "
-                                 "trust it, convert it once: python -m ocr_vlm.tokenizer convert --nanochat-dir "
-                                 f"{Path(directory)} --trust-pickle --out tokenizer.json")
+                                 "trust it, convert it once: python -m ocr_vlm.tokenizer convert --nanochat_dir "
+                                 f"{Path(directory)} --trust_pickle --out tokenizer.json")
         if not path.is_file():
             raise TokenizerError(f"{path}: not found (expected nanochat's tokenizer directory)")
         with open(path, "rb") as f:
@@ -219,12 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Convert a nanochat tokenizer or train a small one.")
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="nanochat tokenizer.pkl -> pickle-free tokenizer.json")
-    convert.add_argument("--nanochat-dir", required=True)
-    convert.add_argument("--trust-pickle", action="store_true", help="you trust this pickle file")
+    convert.add_argument("--nanochat_dir", required=True)
+    convert.add_argument("--trust_pickle", action="store_true", help="you trust this pickle file")
     convert.add_argument("--out", required=True)
     train = sub.add_parser("train", help="train a BPE tokenizer on text files")
     train.add_argument("--input", nargs="+", required=True)
-    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--vocab_size", type=int, required=True)
     train.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     print(f"wrote {args.out}: vocab {tok.vocab_size} (<|image|> = {tok.image_id})")
     if args.command == "train" and tok.vocab_size < args.vocab_size + 1:
-        print(f"note: the corpus ran out of merges before --vocab-size {args.vocab_size}")
+        print(f"note: the corpus ran out of merges before --vocab_size {args.vocab_size}")
 
 
 if __name__ == "__main__":

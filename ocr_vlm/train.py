@@ -1,11 +1,12 @@
-"""The training engine — the only module that imports DeepSpeed.
+"""The trainer: DeepSpeed is imported here (and in dist.py, the process group) and nowhere else.
 
     recipe + ds_config ─▶ model (pretrained init, freeze, activation checkpointing) ─▶ deepspeed.initialize
     resume: every checkpoint file loaded weights-only (no unpickling); the loader continues where the run was
     loader (this rank's packed batches) ─▶ a step's gas micro-batches, their supervised tokens counted over all ranks
     ─▶ micro-steps: forward, non-finite guard, backward of the token-loss sum over that count, engine.step
-    every step: metrics (JSONL + W&B), divergence guard; every N: eval, checkpoint (engine + every rank's loader/RNG)
-    end: checkpoint; rank 0 exports safetensors + config from it (export_checkpoint) once the process group is gone
+    every step: metrics (JSONL + W&B), divergence guard; every N: validation, checkpoint (DeepSpeed state + every
+    rank's loader/RNG)
+    end: checkpoint; rank 0 exports it (export_checkpoint: weights, config, tokenizer) once the process group is gone
 
 Runs under the `deepspeed` launcher, torchrun, or as one plain python process (rank 0 of 1).
 """
@@ -21,7 +22,6 @@ import pickle
 import random
 import re
 import shutil
-import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -30,7 +30,7 @@ from pathlib import Path
 import deepspeed
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
@@ -39,16 +39,17 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import safe_get_full_grad
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from ocr_vlm import config, flops, recipe, weights
-from ocr_vlm.config import ConfigError, TrainConfig
+from ocr_vlm import cli, config, dist, flops, weights
+from ocr_vlm.config import COMPONENTS, ConfigError, TrainConfig
 from ocr_vlm.data.loader import Loader
+from ocr_vlm.data.sample import read_examples
 from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.diagnostics import VisionShare, mismatched, verdict
-from ocr_vlm.evaluate import cer, load_samples, read_back
-from ocr_vlm.image import normalize
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.vlm import COMPONENTS, build_model
-from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
+from ocr_vlm.model.vlm import build_model, parameter_table
+from ocr_vlm.report import cer, read_back
+from ocr_vlm.schedule import lr_multiplier
+from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 from ocr_vlm.tracking import Tracker
 
 CHECKPOINTS = "checkpoints"
@@ -63,26 +64,27 @@ class TrainingError(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train nano-DeepSeek-OCR with DeepSpeed. Recipe options: --key=value "
-                                     "(see ocr_vlm/config.py TrainConfig; model.* and data.* for nested fields).")
-    parser.add_argument("--ds_config", required=True, help="DeepSpeed engine config JSON (ds_configs/*.json)")
+    parser = argparse.ArgumentParser(
+        description="Train nano-DeepSeek-OCR with DeepSpeed: deepspeed launch/train.py --ds_config FILE [--key=value ...]",
+        epilog=recipe_help(), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--ds_config", required=True, help="DeepSpeed config JSON (ds_configs/*.json)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = recipe.build_config(overrides)
+        cfg = cli.train_config(overrides)
         check_inputs(cfg, args.ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":        # every rank finds the same fault; one line says it
             print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    _init_distributed()
-    dist_rank = dist.get_rank()
+    dist.init()
+    rank = dist.rank()
     # On an exception this rank exits non-zero and the launcher stops the others; waiting for them here would hang.
     with _one_line_errors():
         final = Trainer(cfg, args.ds_config).run()
-    dist.barrier()
-    dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
-    if dist_rank == 0:
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
+    if rank == 0:
         # Exported from the files just saved, after the process group is gone: no rank waits in a collective for
         # this (a ZeRO-3 gather of the whole model on the host can outlast NCCL's timeout), and no GPU is needed.
         with _one_line_errors():
@@ -97,7 +99,7 @@ def check_inputs(cfg: TrainConfig, ds_config: str, world: int) -> None:
         raise ConfigError(f"global_batch: {cfg.global_batch} rows is not a multiple of micro_batch "
                           f"{cfg.micro_batch} x {world} ranks")
     for name, spec in (("data.shards", cfg.data.shards), ("data.text_shards", cfg.data.text_shards),
-                       ("eval_shards", cfg.eval_shards)):
+                       ("val_shards", cfg.val_shards)):
         if spec:
             try:
                 ShardSet.from_spec(spec)
@@ -108,54 +110,55 @@ def check_inputs(cfg: TrainConfig, ds_config: str, world: int) -> None:
         raise ConfigError(f"resume: {cfg.resume} is not a checkpoint directory (no mp_rank_00_model_states.pt)")
 
 
-def _init_distributed() -> None:
-    """A plain `python` run is rank 0 of 1 on a free local port; launchers provide the environment."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed()
+def recipe_help() -> str:
+    """--help's list of every recipe key with its default (mini preset, stage 1) and what the other presets change."""
+    base = dict((key, value) for key, value, _ in cli.keys(cli.train_config([])))
+    lines = ["recipe options, --key=value (defaults: --preset=mini --stage=1):", cli.help_text(cli.train_config([]))]
+    for arg in ("--stage=2", "--preset=d20"):
+        other = cli.keys(cli.train_config([arg, "--data.text_shards=TEXT"]))
+        changed = [f"{key}={cli.show(value)}" for key, value, _ in other if value != base[key] and value != "TEXT"]
+        lines.append(f"{arg} changes: {', '.join(changed)}")
+    return "\n".join(lines)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, ds_config_path: str):
         self.cfg = cfg
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world = dist.rank(), dist.world()
         self.device = torch.device(get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0))) \
             if get_accelerator().device_name() != "cpu" else torch.device("cpu")
         self.on_gpu = self.device.type != "cpu"
         self.out = Path(cfg.output_dir)
-        self.tokenizer_path = cfg.tokenizer or str(TINY_TOKENIZER)
+        self.tokenizer_path = cfg.tokenizer or str(MINI_TOKENIZER)
         _seed_everything(cfg.seed)
 
         self.model = self._build_model()
-        self.resume_path = self._resume_dir()
-        self.ds_config, precision = engine_config(ds_config_path, cfg, self.world, self.device)
-        self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
-        if cfg.eval_read and self.zero_stage == 3:    # said before training, not at the first evaluation
-            raise ConfigError("eval_read: generation needs whole parameters on every rank (ZeRO-0/1/2)")
-        if self.resume_path is not None and (self.resume_path / "zero").is_dir():
+        resume_from = checkpoint_to_resume(cfg)
+        self.deepspeed_config, precision = deepspeed_config(ds_config_path, cfg, self.world, self.device)
+        self.zero_stage = self.deepspeed_config["zero_optimization"].get("stage", 0)
+        if cfg.val_read and self.zero_stage == 3:    # said before training, not at the first validation
+            raise ConfigError("val_read: generation needs whole parameters on every rank (ZeRO-0/1/2)")
+        if resume_from is not None and (resume_from / "zero").is_dir():
             # ds_to_universal's output: parameters stored whole, so any world size can load them.
-            self.ds_config["checkpoint"] = {"load_universal": True}
+            self.deepspeed_config["checkpoint"] = {"load_universal": True}
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = _optimizer(trainable, cfg, offload=_offloads_optimizer(self.ds_config))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: recipe.lr_multiplier(step, cfg))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=optimizer,
-                                                                 lr_scheduler=scheduler, config=self.ds_config)
-        self.gas = self.engine.gradient_accumulation_steps()
-        self._print(f"engine: ZeRO-{self.zero_stage}, "
+        optimizer = _optimizer(trainable, cfg, offload=_offloads_optimizer(self.deepspeed_config))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
+        self.model_engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_config)
+        self.gas = self.model_engine.gradient_accumulation_steps()
+        dist.print0(f"deepspeed: ZeRO-{self.zero_stage}, "
                     f"{'bf16' if self._bf16 else 'fp32'}, {type(optimizer).__name__}, {self.world} rank(s) x "
                     f"{cfg.micro_batch} row(s) x {self.gas} accumulation = {cfg.global_batch} rows per step"
                     + (f"; {precision}" if precision else ""))
-        data = config.strict_overrides(cfg.data, [f"--batch_rows={cfg.micro_batch}"])
-        self.loader = Loader(data, cfg.model, self.tokenizer_path, self.rank, self.world)
+        self._save_resolved_config()
+        self.loader = Loader(cfg.data, cfg.model, self.tokenizer_path, self.rank, self.world, batch_rows=cfg.micro_batch)
         self.step, self.samples_seen, self.train_seconds = 0, 0, 0.0
         self.divergence = DivergenceGuard(cfg.diverge_steps, cfg.diverge_loss)
         self.bad_in_a_row = 0              # non-finite micro-batch losses in a row, across steps
-        self.read_samples = None          # (tokenizer, this rank's share of the pages eval_read reads back)
+        self.read_examples = None          # (tokenizer, this rank's share of the pages val_read reads back)
         self.tracker = Tracker(self.out, config.to_dict(cfg), enabled=self.rank == 0, use_wandb=cfg.wandb,
-                               project=cfg.wandb_project, run_name=cfg.run_name, resume=self.resume_path is not None)
+                               project=cfg.wandb_project, run_name=cfg.run_name, resume=resume_from is not None)
         self.frozen_before = {n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad} \
             if cfg.freeze and self.zero_stage < 3 else {}
         self.image_flops = flops.image_train_flops(cfg.model, cfg.freeze)
@@ -163,33 +166,34 @@ class Trainer:
             if cfg.model.tile_size else 0.0
         self.token_flops = flops.gpt_train_flops_per_token(cfg.model)
         self.peak = flops.peak_flops(torch.cuda.get_device_name(self.device)) if self.on_gpu else None
+        if resume_from is not None:
+            self.resume(resume_from)
 
     # ------------------------------------------------------------------------------------------------------------
     def _build_model(self):
         cfg = self.cfg
-        tokenizer = Tokenizer.load(self.tokenizer_path)
-        if (tokenizer.vocab_size, tokenizer.image_id) != (cfg.model.gpt.vocab_size, cfg.model.image_token_id):
-            raise ConfigError(f"tokenizer {self.tokenizer_path} has vocab {tokenizer.vocab_size} with <|image|>="
-                              f"{tokenizer.image_id}; the model expects model.gpt.vocab_size="
-                              f"{cfg.model.gpt.vocab_size} and model.image_token_id={cfg.model.image_token_id}")
+        weights.check_tokenizer(Tokenizer.load(self.tokenizer_path), cfg.model, self.tokenizer_path)
         model = build_model(cfg.model)
         for item in filter(None, cfg.init.split(",")):
             fmt, _, path = item.partition("=")
-            report = weights.load_pretrained(model, path, fmt)
-            self._print(str(report))
-        recipe.freeze(model, cfg.freeze)
-        model.set_activation_checkpointing(**{name: name in cfg.checkpointing for name in ("sam", "clip", "gpt")})
-        self._print(parameter_table(model))
+            dist.print0(str(weights.load_pretrained(model, path, fmt)))
+        model.freeze(cfg.freeze)
+        model.set_activation_checkpointing(cfg.checkpointing)
+        dist.print0(parameter_table(model))
         return model
 
-    def _print(self, text: str) -> None:
+    def _save_resolved_config(self) -> None:
+        """The run's whole configuration as it runs (recipe with model and data, DeepSpeed's config with "auto"
+        filled in): printed, and kept as output_dir/config.json."""
+        resolved = json.dumps({"recipe": config.to_dict(self.cfg), "deepspeed_config": self.deepspeed_config}, indent=1)
+        dist.print0(f"config:\n{resolved}")
         if self.rank == 0:
-            print(text, flush=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(resolved + "\n")
 
     # ------------------------------------------------------------------------------------------------------------
     def run(self) -> Path:
         """Train to cfg.steps; returns the final checkpoint (main exports it once no rank waits on another)."""
-        self._maybe_resume()
         batches = iter(self.loader)
         while self.step < self.cfg.steps:
             started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
@@ -199,11 +203,11 @@ class Trainer:
             self.step += 1
             metrics = self._log(sums, lr, counters, skipped_micro, grad_norms or {}, time.perf_counter() - started)
             # fp16's loss scaler skips overflowing steps itself (many in a row while it calibrates): not divergence.
-            scaler_skipped = self.engine.fp16_enabled() and not self.engine.was_step_applied()
+            scaler_skipped = self.model_engine.fp16_enabled() and not self.model_engine.was_step_applied()
             self.divergence.check(self.step, metrics["loss"], None if scaler_skipped else metrics["grad_norm"],
                                   self.cfg.lr)          # before any save or export
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-                self.evaluate()
+            if self.cfg.val_every and self.step % self.cfg.val_every == 0:
+                self.validate()
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                 self.save()
         self.save()
@@ -233,21 +237,21 @@ class Trainer:
             lm, reading = self._forward(batch, reading=reading_on)
             token_sum, reading_sum = lm * n, (reading * i if reading_on else lm * 0)   # model losses are means
             loss = self.world * (token_sum / step_tokens + self.cfg.reading_weight * reading_sum / step_images)
-            if self._any_rank_non_finite(loss):
+            if dist.any_rank_non_finite(loss):
                 # Every rank drops this micro-batch together (no backward, no engine.step), so the optimizer never
                 # sees a non-finite gradient; a fresh one takes its place (weighted by the step's count as drawn).
                 self.bad_in_a_row, skipped = self.bad_in_a_row + 1, skipped + 1
-                self._print(f"step {self.step}: non-finite loss, micro-batch skipped ({self.bad_in_a_row} in a row)")
+                dist.print0(f"step {self.step}: non-finite loss, micro-batch skipped ({self.bad_in_a_row} in a row)")
                 if self.bad_in_a_row >= self.cfg.max_bad_steps:
                     raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}: "
                                         "lower the lr, check the data, or resume from an earlier checkpoint")
                 continue
             self.bad_in_a_row = 0
-            self.engine.backward(loss, scale_wrt_gas=False)
+            self.model_engine.backward(loss, scale_wrt_gas=False)
             done += 1
             if done == self.gas and inspect is not None:
                 result = inspect()              # the step's gradient exists only until it is taken
-            self.engine.step()
+            self.model_engine.step()
             sums += torch.stack([token_sum.detach(), reading_sum.detach()]).double()
             for k, v in batch["counters"].items():
                 counters[k] = counters.get(k, 0) + v
@@ -258,11 +262,11 @@ class Trainer:
         check; Gundam tiles stay the page's own, their count is fixed by the placeholders)."""
         tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         pixels = tensors["pixel_values"] if pixels is None else pixels.to(self.device)
-        out = self.engine(tensors["input_ids"], targets=tensors["targets"],
-                          pixel_values=normalize(pixels, self._pixel_dtype),
+        out = self.model_engine(tensors["input_ids"], targets=tensors["targets"],
+                          pixel_values=pixels,
                           position_ids=tensors["position_ids"], doc_ids=tensors["doc_ids"],
                           reading=(tensors["reading_targets"], tensors["reading_lengths"]) if reading else None,
-                          tile_values=normalize(tensors["tile_values"], self._pixel_dtype),
+                          tile_values=tensors["tile_values"],
                           tile_grids=tensors["tile_grids"])
         return out if reading else (out, None)
 
@@ -283,11 +287,7 @@ class Trainer:
 
     @property
     def _bf16(self) -> bool:
-        return bool(self.ds_config.get("bf16", {}).get("enabled"))
-
-    @property
-    def _pixel_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self._bf16 else torch.float32
+        return bool(self.deepspeed_config.get("bf16", {}).get("enabled"))
 
     def _log(self, sums: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
              dt: float) -> dict:
@@ -299,7 +299,7 @@ class Trainer:
         totals = self._sum_over_ranks(torch.cat([sums, counts.to(sums.device)]))     # the step's one reduction of metrics
         target_tokens, tokens, samples, images, tiles, squared_lengths, skipped = (int(x) for x in totals[2:])
         loss_mean, reading_mean = totals[0].item() / max(target_tokens, 1), totals[1].item() / max(images, 1)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.model_engine.get_global_grad_norm()
         train_flops = (tokens * self.token_flops + flops.gpt_attention_train_flops(self.cfg.model, squared_lengths)
                        + images * self.image_flops + tiles * self.tile_flops)
         metrics = {"loss": loss_mean, "lr": lr,
@@ -325,36 +325,24 @@ class Trainer:
         return metrics
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        values = values.to(self.device)    # NCCL reduces device tensors only
-        dist.all_reduce(values)
-        return values.cpu()
-
-    def _any_rank(self, flag: bool) -> bool:
-        return self._sum_over_ranks(torch.tensor([float(flag)])).item() > 0
-
-    def _any_rank_non_finite(self, loss: torch.Tensor) -> bool:
-        """Whether any rank's loss is inf or NaN. Every rank must agree before backward (ZeRO's backward hooks are
-        collectives), so this is the micro-step's one host sync: the flag is reduced where the loss lives."""
-        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return dist.sum_over_ranks(values, self.device)
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def validate(self) -> dict:
         """Validation loss over every target token of the val shards (each sample once across ranks), and whether the
         model reads: the loss with each sample given another sample's image, and the image-dependent share of the
         vision tokens (diagnostics.py)."""
-        eval_data = dataclasses.replace(self.cfg.data, shards=self.cfg.eval_shards, text_ratio=0.0, num_workers=0,
-                                        batch_rows=self.cfg.micro_batch)
-        batches = iter(Loader(eval_data, self.cfg.model, self.tokenizer_path, self.rank, self.world, finite=True))
-        self.engine.eval()
+        val_data = dataclasses.replace(self.cfg.data, shards=self.cfg.val_shards, text_ratio=0.0, num_workers=0)
+        batches = iter(Loader(val_data, self.cfg.model, self.tokenizer_path, self.rank, self.world, finite=True,
+                              batch_rows=self.cfg.micro_batch))
+        self.model_engine.eval()
         total, last = torch.zeros(3, dtype=torch.float64), None
         share = VisionShare(self.cfg.model.vision_grid ** 2, self.cfg.model.gpt.n_embd)
         while True:
             batch = next(batches, None)
             # ZeRO-3 gathers parameters collectively: ranks whose share ran out repeat a batch with zero weight.
-            if not self._any_rank(batch is not None):
+            if not dist.any_rank(batch is not None, self.device):
                 break
             weight = 1.0 if batch is not None else 0.0
             batch, previous = (batch if batch is not None else last), (last["pixel_values"] if last else None)
@@ -362,40 +350,40 @@ class Trainer:
             own, _ = self._forward(batch)
             other, _ = self._forward(batch, pixels=mismatched(batch["pixel_values"], previous))
             total += torch.tensor([own.float().item() * n, other.float().item() * n, n], dtype=torch.float64)
-            pixels = normalize(batch["pixel_values"].to(self.device), self._pixel_dtype)
+            pixels = batch["pixel_values"].to(self.device)
             if weight and len(pixels):
-                share.add(self.engine.module.vision_tokens(pixels))
+                share.add(self.model_engine.module.vision_tokens(pixels))
             elif len(pixels):
-                self.engine.module.vision_tokens(pixels)     # the collective gathers every rank takes part in
+                self.model_engine.module.vision_tokens(pixels)     # the collective gathers every rank takes part in
             last = batch
         total, share.moments = self._sum_over_ranks(total), self._sum_over_ranks(share.moments)
-        self.engine.train()
+        self.model_engine.train()
         tokens = total[2].clamp(min=1)
         result = {"val_loss": (total[0] / tokens).item(), "val_loss_other_image": (total[1] / tokens).item(),
                   "vision_share": share.share()}
         result["image_gap"] = result["val_loss_other_image"] - result["val_loss"]
-        self._print(f"step {self.step:05d} | val loss {result['val_loss']:.4f} over {int(total[2])} target tokens | "
+        dist.print0(f"step {self.step:05d} | val loss {result['val_loss']:.4f} over {int(total[2])} target tokens | "
                     f"with another page's image {result['val_loss_other_image']:.4f} | image-dependent share of "
                     f"vision tokens {result['vision_share']:.4f} | {verdict(result['image_gap'])}")
-        if self.cfg.eval_read:
+        if self.cfg.val_read:
             result["val_cer"] = self._read_back()
-            self._print(f"step {self.step:05d} | read back {self.cfg.eval_read} val pages: mean CER "
+            dist.print0(f"step {self.step:05d} | read back {self.cfg.val_read} val pages: mean CER "
                         f"{result['val_cer']:.4f} after {self.samples_seen:,} samples, "
                         f"{self.train_seconds / 60:.1f} min of training")
         self.tracker.log(self.step, {**result, "samples_seen": self.samples_seen, "train_seconds": self.train_seconds})
         return result
 
     def _read_back(self) -> float:
-        """Mean CER of greedy generation on the first `eval_read` val pages, split over the ranks."""
-        if self.read_samples is None:
+        """Mean CER of greedy generation on the first `val_read` val pages, split over the ranks."""
+        if self.read_examples is None:
             tokenizer = Tokenizer.load(self.tokenizer_path)
-            samples, _ = load_samples(self.cfg.eval_shards, tokenizer, self.cfg.model, self.cfg.eval_read)
-            self.read_samples = (tokenizer, samples[self.rank::self.world])
-        tokenizer, samples = self.read_samples
-        self.engine.eval()
-        outputs = read_back(self.engine.module, tokenizer, samples, max_new_tokens=self.cfg.eval_read_tokens)
-        self.engine.train()
-        total = torch.tensor([sum(cer(o, s["expected"]) for o, s in zip(outputs, samples)), len(samples)],
+            examples, _ = read_examples(self.cfg.val_shards, tokenizer, self.cfg.model, self.cfg.val_read)
+            self.read_examples = (tokenizer, examples[self.rank::self.world])
+        tokenizer, examples = self.read_examples
+        self.model_engine.eval()
+        outputs = read_back(self.model_engine.module, tokenizer, examples, max_new_tokens=self.cfg.val_read_tokens)
+        self.model_engine.train()
+        total = torch.tensor([sum(cer(o, e.response) for o, e in zip(outputs, examples)), len(examples)],
                              dtype=torch.float64)
         total = self._sum_over_ranks(total)
         return (total[0] / total[1].clamp(min=1)).item()
@@ -404,38 +392,30 @@ class Trainer:
     def save(self) -> None:
         """DeepSpeed state + every rank's loader and RNG state; `latest` moves only once all ranks are done."""
         states = [None] * self.world
-        dist.all_gather_object(states, {"loader": self.loader.state_dict(), "rng": _rng_state()})
+        torch_dist.all_gather_object(states, {"loader": self.loader.state_dict(), "rng": _rng_state()})
         tag = f"step{self.step:06d}"
         ckpt_dir = self.out / CHECKPOINTS
         client = {"step": self.step, "samples_seen": self.samples_seen, "train_seconds": self.train_seconds,
                   "ranks": states, "recipe": config.to_dict(self.cfg),
                   # lets ds_to_universal convert it for a resume on another world size (no tensor parallelism here)
                   UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        dist.barrier()
+        self.model_engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        torch_dist.barrier()
         if self.rank == 0:
             tmp = ckpt_dir / "latest.tmp"
             tmp.write_text(tag)
             tmp.replace(ckpt_dir / "latest")
             _prune(ckpt_dir, self.cfg.keep_checkpoints)
-        dist.barrier()
-        self._print(f"saved checkpoint {ckpt_dir / tag}")
+        torch_dist.barrier()
+        dist.print0(f"saved checkpoint {ckpt_dir / tag}")
 
-    def _resume_dir(self) -> Path | None:
-        resume = self.cfg.resume
-        if resume == "auto":
-            latest = self.out / CHECKPOINTS / "latest"
-            return latest.parent / latest.read_text().strip() if latest.exists() else None
-        return Path(resume) if resume else None
-
-    def _maybe_resume(self) -> None:
-        path = self.resume_path
-        if path is None:
-            return
+    def resume(self, path: Path) -> None:
+        """Continue the run saved at `path`: DeepSpeed's state (loaded weights-only), the step and sample counters,
+        every rank's loader position and RNGs, and the metrics file cut back to the checkpoint's step."""
         if not path.is_dir():
             raise TrainingError(f"resume: {path} is not a checkpoint directory")
         with _unpickling(path, "resume", "--trust_checkpoint=true loads it", trusted=self.cfg.trust_checkpoint):
-            loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+            loaded, client = self.model_engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise TrainingError(f"resume: DeepSpeed could not load {path}")
         self.step, self.samples_seen = client["step"], client.get("samples_seen", 0)
@@ -444,10 +424,10 @@ class Trainer:
         if self.loader.resume([r["loader"] for r in ranks]):
             _set_rng_state(ranks[self.rank]["rng"])
         else:
-            self._print(f"resume: {len(ranks)} rank(s) -> {self.world}; each epoch's unread samples are shared over "
+            dist.print0(f"resume: {len(ranks)} rank(s) -> {self.world}; each epoch's unread samples are shared over "
                         "the new ranks x workers")
         self.tracker.resume_at(self.step)
-        self._print(f"resumed from {path} at step {self.step}")
+        dist.print0(f"resumed from {path} at step {self.step}")
 
     def _check_frozen(self) -> None:
         params = dict(self.model.named_parameters())
@@ -486,6 +466,14 @@ class DivergenceGuard:
         return None
 
 
+def checkpoint_to_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint `cfg.resume` names: none, the newest in output_dir ("auto"; none yet is a fresh start), or a path."""
+    if cfg.resume == "auto":
+        latest = Path(cfg.output_dir) / CHECKPOINTS / "latest"
+        return latest.parent / latest.read_text().strip() if latest.exists() else None
+    return Path(cfg.resume) if cfg.resume else None
+
+
 def export_checkpoint(checkpoint: Path, out: Path, trusted: bool = False) -> Path:
     """Any saved step checkpoint (ZeRO-0/1/2/3) as model.safetensors + config.json + tokenizer.json, on one process
     without a GPU: weights gathered from the partition files by DeepSpeed's zero_to_fp32, every file loaded weights-only
@@ -503,8 +491,7 @@ def export_checkpoint(checkpoint: Path, out: Path, trusted: bool = False) -> Pat
         partitioned = any(checkpoint.glob("*optim_states.pt"))   # ZeRO >= 1; ZeRO-0 keeps whole weights in "module"
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name) \
             if partitioned else client["module"]
-    weights.export(build_model(cfg.model, device="meta"), out, state_dict=state)
-    shutil.copyfile(cfg.tokenizer or str(TINY_TOKENIZER), out / "tokenizer.json")   # what generation decodes with
+    weights.save_export(build_model(cfg.model, device="meta"), out, cfg.tokenizer or MINI_TOKENIZER, state_dict=state)
     print(f"exported {out}", flush=True)
     return out
 
@@ -556,7 +543,7 @@ def _unpickling(path: Path, what: str, opt_out: str, trusted: bool):
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
-def engine_config(path: str, cfg: TrainConfig, world: int, device: torch.device) -> tuple[dict, str]:
+def deepspeed_config(path: str, cfg: TrainConfig, world: int, device: torch.device) -> tuple[dict, str]:
     """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in, and what
     bf16 "auto" chose and why ("" when the config sets it)."""
     ds = json.loads(Path(path).read_text())
@@ -607,16 +594,6 @@ def _optimizer(params: list, cfg: TrainConfig, offload: bool) -> torch.optim.Opt
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
     return torch.optim.AdamW(params, fused=torch.cuda.is_available(), **kwargs)
-
-
-def parameter_table(model) -> str:
-    lines = [f"{'component':<12}{'trainable':>16}{'frozen':>16}"]
-    for name in COMPONENTS:
-        params = model.component_parameters(name)
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        frozen = sum(p.numel() for p in params if not p.requires_grad)
-        lines.append(f"{name:<12}{trainable:>16,}{frozen:>16,}")
-    return "\n".join(lines)
 
 
 def _seed_everything(seed: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ocr_vlm import config
-from ocr_vlm.config import GPTConfig, VLMConfig
+from ocr_vlm.config import ConfigError, GPTConfig, VLMConfig
+from ocr_vlm.tokenizer import Tokenizer
 
 _FIELDS = {"i": r"\d+", "wb": r"weight|bias", "qkv": r"q|k|v", "rest": r".+"}
 
@@ -308,21 +310,34 @@ def to_format(state_dict: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.
     return out
 
 
-def export(model: torch.nn.Module, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `model.safetensors` + `config.json`; pass `state_dict` when the live one is partitioned (ZeRO-3)."""
+def save_export(model: torch.nn.Module, out_dir: str | Path, tokenizer: str | Path,
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """A self-contained export: `model.safetensors` + `config.json` + `tokenizer.json`, all `load_export` needs.
+    Pass `state_dict` when the live one is partitioned (ZeRO-3) or the model is on the meta device."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "ocr_vlm"})
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(model.cfg), indent=2))
+    shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
     return out_dir
 
 
-def load_exported(path: str | Path, device: str = "cpu"):
-    """Rebuild a VLM from an `export` directory and load its weights strictly."""
+def load_export(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from a `save_export` directory: weights loaded strictly, tokenizer checked against them."""
     from ocr_vlm.model.vlm import build_model
 
     cfg = config.from_dict(VLMConfig, json.loads((Path(path) / "config.json").read_text())).validate()
+    tokenizer = Tokenizer.load(Path(path) / "tokenizer.json")
+    check_tokenizer(tokenizer, cfg, Path(path) / "tokenizer.json")
     model = build_model(cfg, device=device)
     load_pretrained(model, Path(path) / "model.safetensors", "ocr_vlm")
-    return model, cfg
+    return model, tokenizer
+
+
+def check_tokenizer(tokenizer: Tokenizer, cfg: VLMConfig, source: str | Path) -> None:
+    """The tokenizer's vocabulary and <|image|> id must be the model's: a mismatch would embed the wrong rows."""
+    if (tokenizer.vocab_size, tokenizer.image_id) != (cfg.gpt.vocab_size, cfg.image_token_id):
+        raise ConfigError(f"tokenizer {source} has vocab {tokenizer.vocab_size} with <|image|>={tokenizer.image_id}; "
+                          f"the model expects model.gpt.vocab_size={cfg.gpt.vocab_size} and "
+                          f"model.image_token_id={cfg.image_token_id}")

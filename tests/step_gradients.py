@@ -6,16 +6,17 @@ parameter's gradient (taken before the update, gathered over ZeRO-2's partitions
 """
 
 import argparse
+import dataclasses
 from collections import Counter
 
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
-from ocr_vlm import config, recipe, train
+from ocr_vlm import cli, dist, train
 from ocr_vlm.data.loader import Loader
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.tokenizer import TINY_TOKENIZER
+from ocr_vlm.tokenizer import MINI_TOKENIZER
 
 SUPERVISED = [3, None, None, None]     # row 0 keeps 3 supervised tokens; the others their own (85, 40, 32)
 TENSORS = ("input_ids", "targets", "position_ids", "doc_ids", "pixel_values", "tile_values", "tile_grids", "reading_targets",
@@ -24,8 +25,8 @@ TENSORS = ("input_ids", "targets", "position_ids", "doc_ids", "pixel_values", "t
 
 def rows(cfg) -> list[dict]:
     """The same four one-row batches on every rank, with deliberately unequal supervised-token counts."""
-    data = config.strict_overrides(cfg.data, ["--batch_rows=1", "--num_workers=0"])
-    stream = iter(Loader(data, cfg.model, TINY_TOKENIZER, 0, 1))
+    data = dataclasses.replace(cfg.data, num_workers=0)
+    stream = iter(Loader(data, cfg.model, MINI_TOKENIZER, 0, 1))
     out = []
     for keep in SUPERVISED:
         batch = next(stream)
@@ -50,8 +51,8 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args, overrides = parser.parse_known_args()
     out = args.out
-    train._init_distributed()
-    cfg = recipe.build_config([*overrides, "--data.seq_len=256", "--checkpointing=", f"--output_dir={out}.run"])
+    dist.init()
+    cfg = cli.train_config([*overrides, "--data.seq_len=256", "--checkpointing=", f"--output_dir={out}.run"])
     trainer = train.Trainer(cfg, "ds_configs/zero2.json")
     # nanochat zero-initialises lm_head and every output projection, so at step 1 most of the model gets no
     # gradient: the same seeded random values on every rank give every parameter one.

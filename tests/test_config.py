@@ -2,7 +2,7 @@
 
 import pytest
 
-from ocr_vlm import config
+from ocr_vlm import cli, config
 from ocr_vlm.config import ConfigError, GPTConfig, VLMConfig
 
 
@@ -12,8 +12,8 @@ def test_d20_is_ten_heads_of_128():
 
 
 def test_overrides_are_typed_and_copy():
-    base = config.tiny()
-    cfg = config.strict_overrides(base, ["--gpt.n_layer=2", "--sam.global_attn_indexes=0,2", "--image_resize=resize"])
+    base = config.mini()
+    cfg = cli.with_args(base, ["--gpt.n_layer=2", "--sam.global_attn_indexes=0,2", "--image_resize=resize"])
     assert (cfg.gpt.n_layer, cfg.sam.global_attn_indexes, cfg.image_resize) == (2, (0, 2), "resize")
     assert base.gpt.n_layer == 4
 
@@ -29,11 +29,11 @@ def test_overrides_are_typed_and_copy():
 ])
 def test_bad_overrides_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        config.strict_overrides(config.tiny(), override)
+        cli.with_args(config.mini(), override)
 
 
 def test_round_trip_through_dict():
-    cfg = config.tiny()
+    cfg = config.mini()
     assert config.from_dict(VLMConfig, config.to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="heads"):
         config.from_dict(GPTConfig, {"heads": 16})
@@ -43,4 +43,4 @@ def test_unknown_preset_and_mode():
     with pytest.raises(ConfigError, match="preset"):
         config.preset("d32")
     with pytest.raises(ConfigError, match="mode"):
-        config.d20().set_mode("huge")
+        config.d20().with_mode("huge")

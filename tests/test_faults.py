@@ -19,10 +19,10 @@ from ocr_vlm.data.loader import Loader, UnreadableData
 from ocr_vlm.data.shards import Record, write_shards
 from ocr_vlm.data.shards import main as shards_main
 from ocr_vlm.model.vlm import build_model
-from ocr_vlm.tokenizer import TINY_TOKENIZER
+from ocr_vlm.tokenizer import MINI_TOKENIZER
 from ocr_vlm.tracking import Tracker
 from ocr_vlm.train import DivergenceGuard, TrainingError
-from ocr_vlm.weights import export
+from ocr_vlm.weights import save_export
 from test_loader import VLM, png
 from test_shards import manifest  # noqa: F401  (a fixture this suite shares)
 from test_train import ROOT, TINY_RUN, env, losses
@@ -158,13 +158,13 @@ def unreadable_shards(path):
 
 def test_a_slot_with_no_readable_sample_is_an_error_not_a_hang(tmp_path, caplog):
     """One pass over the slot's share, then an error naming why (the alarm bounds a hang)."""
-    cfg = DataConfig(shards=str(unreadable_shards(tmp_path / "bad")), seq_len=200, batch_rows=1, num_workers=0,
+    cfg = DataConfig(shards=str(unreadable_shards(tmp_path / "bad")), seq_len=200, num_workers=0,
                      shuffle_buffer=0)
     signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the loader hung on unreadable data"))
     signal.alarm(60)
     try:
         with pytest.raises(UnreadableData, match=r"slot 0 of 1 .* epoch 0 .*'bad_fields': 3"):
-            next(iter(Loader(cfg, VLM, TINY_TOKENIZER)))
+            next(iter(Loader(cfg, VLM, MINI_TOKENIZER)))
     finally:
         signal.alarm(0)
     assert sum("skipping sample" in r.message for r in caplog.records) == 3      # each bad sample warned once
@@ -179,17 +179,17 @@ def test_a_training_run_on_unreadable_data_stops_with_the_reason(tmp_path):
 def test_a_failed_shard_write_leaves_the_previous_set_byte_identical(tmp_path, manifest):  # noqa: F811
     pages, _ = manifest
     out = tmp_path / "set"
-    shards_main(["write", "--manifest", str(pages), "--out", str(out), "--max-count", "3"])
+    shards_main(["write", "--manifest", str(pages), "--out", str(out), "--max_count", "3"])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (out / "NOTES.txt").write_text("mine")
     lines = pages.read_text().splitlines()
     bad = pages.parent / "late_bad.jsonl"                  # fails on line 6, after the first shards are written
     bad.write_text("\n".join(lines[:5] + ["{oops"] + lines[5:]) + "\n")
     with pytest.raises(SystemExit, match=r"late_bad\.jsonl:6"):
-        shards_main(["write", "--manifest", str(bad), "--out", str(out), "--max-count", "2"])
+        shards_main(["write", "--manifest", str(bad), "--out", str(out), "--max_count", "2"])
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "NOTES.txt"} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set", "synth"]     # no staging directory left behind
-    shards_main(["write", "--manifest", str(pages), "--out", str(out), "--max-count", "5"])
+    shards_main(["write", "--manifest", str(pages), "--out", str(out), "--max_count", "5"])
     assert (out / "NOTES.txt").read_text() == "mine" and json.loads((out / "index.json").read_text())["total"] == 12
 
 
@@ -217,10 +217,10 @@ def test_a_loss_far_above_its_running_mean_counts_as_divergence():
 def test_non_finite_losses_stop_the_run(tmp_path):
     """Pretrained weights holding a NaN (a corrupt download): every loss is non-finite, each micro-batch is dropped
     on every rank, and max_bad_steps of them in a row stop the run before anything is saved."""
-    model = build_model(config.tiny())
+    model = build_model(config.mini())
     with torch.no_grad():
         model.projector.layers.weight[0, 0] = math.nan
-    export(model, tmp_path / "poisoned")
+    save_export(model, tmp_path / "poisoned", MINI_TOKENIZER)
     result = train(tmp_path / "run", "--steps=4", f"--init=ocr_vlm={tmp_path / 'poisoned'}", "--max_bad_steps=2")
     assert result.returncode == 1
     assert last_error(result) == ("error: 2 non-finite losses in a row at step 0: lower the lr, check the data, or "

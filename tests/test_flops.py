@@ -21,7 +21,7 @@ def test_d20_per_token_flops_are_six_per_non_embedding_parameter():
 
 def test_a_gundam_tile_costs_the_towers_what_an_image_of_its_side_does():
     cfg = config.d20()
-    cfg.set_mode("gundam")
+    cfg = cfg.with_mode("gundam")
     tile = flops.image_train_flops(cfg, (), side=cfg.tile_size)
     base = config.d20()
     base.image_size = cfg.tile_size

@@ -8,21 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
-from ocr_vlm import config, plan, recipe
+from ocr_vlm import cli, config, plan
 from ocr_vlm.config import ConfigError, DataConfig
 from ocr_vlm.data.loader import Loader
 from ocr_vlm.data.shards import Record, write_shards
-from ocr_vlm.engine import Engine
-from ocr_vlm.image import layout_main, load_views, normalize, stack_views, tile_grid
+from ocr_vlm.generation import Generator
+from ocr_vlm.image import layout_main, load_views, stack_views, tile_grid
 from ocr_vlm.model.vlm import build_model
-from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
+from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 
-TOK = Tokenizer.load(TINY_TOKENIZER)
+TOK = Tokenizer.load(MINI_TOKENIZER)
 
 
-def gundam(preset=config.tiny, max_crops=6) -> config.VLMConfig:
+def gundam(preset=config.mini, max_crops=6) -> config.VLMConfig:
     cfg = preset()
-    cfg.set_mode("gundam")
+    cfg = cfg.with_mode("gundam")
     cfg.max_crops = max_crops
     return cfg.validate()
 
@@ -63,7 +63,7 @@ def test_d20_tile_grid_and_embedding_count(width, height, max_crops, grid, embed
     (160, 160, (1, 1), 73),                                 # within one 160-px tile
     (161, 160, (2, 2), 5 * 2 * 11 + 73),
 ])
-def test_tiny_preset_keeps_the_rules_at_256_and_160_px(width, height, grid, embeddings):
+def test_mini_preset_keeps_the_rules_at_256_and_160_px(width, height, grid, embeddings):
     cfg = gundam()
     assert (cfg.image_size, cfg.tile_size, cfg.vision_grid, cfg.tile_grid_side) == (256, 160, 8, 5)
     assert tile_grid(width, height, cfg) == grid
@@ -95,7 +95,7 @@ def test_bad_gundam_settings_name_the_field():
 def test_fixed_modes_are_one_global_view():
     cfg = config.d20()
     for mode, count in {"tiny": 73, "small": 111, "base": 273, "large": 421}.items():
-        cfg.set_mode(mode)
+        cfg = cfg.with_mode(mode)
         assert cfg.tile_size == 0 and cfg.tile_grids() == [(1, 1)]
         assert cfg.image_tokens_for((1, 1)) == cfg.max_image_tokens == cfg.image_tokens == count
         assert tile_grid(5000, 100, cfg) == (1, 1)
@@ -108,7 +108,7 @@ def png(image: Image.Image) -> bytes:
 
 
 def test_tiles_are_cut_row_major_from_the_stretched_page():
-    """A 320x480 page at tiny is a 2x3 grid of exactly 160-px blocks (no stretch): block (col, row) painted
+    """A 320x480 page at mini is a 2x3 grid of exactly 160-px blocks (no stretch): block (col, row) painted
     10·(2·row + col) + 40 comes back as tile 2·row + col; the global view is the page padded to 256."""
     page = Image.new("RGB", (320, 480))
     for k in range(6):
@@ -164,7 +164,7 @@ def trained_like(cfg, seed=0):
     return model.eval()
 
 
-PAGES = [(620, 877), (100, 100), (750, 30)]      # grids 2x3, 1x1, 6x1 at tiny
+PAGES = [(620, 877), (100, 100), (750, 30)]      # grids 2x3, 1x1, 6x1 at mini
 
 
 def views_of(sizes, seed=0):
@@ -187,23 +187,23 @@ def test_variable_counts_pack_into_one_row_and_each_sample_sees_only_itself():
     pixels, tiles, grids = stack_views(views, cfg)
     assert tiles.shape == (12, 3, 160, 160) and grids.tolist() == [[2, 3], [1, 1], [6, 1]]
     with torch.no_grad():
-        packed = model(ids, pixel_values=normalize(pixels), tile_values=normalize(tiles), tile_grids=grids,
+        packed = model(ids, pixel_values=pixels, tile_values=tiles, tile_grids=grids,
                        position_ids=positions, doc_ids=doc_ids)
         at = 0
         for s, v in zip(samples, views):
             p, t, gr = stack_views([v], cfg)
-            alone = model(torch.tensor([s]), pixel_values=normalize(p), tile_values=normalize(t), tile_grids=gr)
+            alone = model(torch.tensor([s]), pixel_values=p, tile_values=t, tile_grids=gr)
             torch.testing.assert_close(packed[:, at:at + len(s)], alone, atol=1e-4, rtol=1e-4)
             at += len(s)
         with pytest.raises(ValueError, match=r"3 image\(s\) need 539 <\|image\|> placeholders \(238\+73\+228 by tile"):
-            model(ids[:, :-50], pixel_values=normalize(pixels), tile_values=normalize(tiles), tile_grids=grids)
+            model(ids[:, :-50], pixel_values=pixels, tile_values=tiles, tile_grids=grids)
 
 
 def gundam_batch(cfg, sizes):
     views = views_of(sizes)
     ids = torch.tensor([sum((TOK.render_sample("<image>\nx", "ab", cfg.image_tokens_for(v.grid))[0] for v in views), [])])
     pixels, tiles, grids = stack_views(views, cfg)
-    return dict(input_ids=ids, targets=ids.roll(-1, 1), pixel_values=normalize(pixels), tile_values=normalize(tiles),
+    return dict(input_ids=ids, targets=ids.roll(-1, 1), pixel_values=pixels, tile_values=tiles,
                 tile_grids=grids)
 
 
@@ -228,8 +228,8 @@ def test_loader_packs_pages_of_every_grid_under_the_view_cap(tmp_path):
     records = [Record(f"p{i:02d}", {"id": f"p{i:02d}", "prompt": "<image>\nFree OCR.", "response": f"page {i}"},
                       png(Image.new("RGB", (w, h), (i * 20, 90, 200))), "png") for i, (w, h) in enumerate(sizes)]
     write_shards(records, tmp_path / "pages", max_count=10)
-    data = DataConfig(shards=str(tmp_path / "pages"), seq_len=600, batch_rows=2, num_workers=0, max_images=8)
-    batches = list(Loader(data, cfg, TINY_TOKENIZER, finite=True))
+    data = DataConfig(shards=str(tmp_path / "pages"), seq_len=600, num_workers=0, max_images=8)
+    batches = list(Loader(data, cfg, MINI_TOKENIZER, finite=True, batch_rows=2))
     assert sum(b["counters"]["vision_samples"] for b in batches) == len(sizes)
     for b in batches:
         grids = [tuple(g) for g in b["tile_grids"].tolist()]
@@ -247,21 +247,21 @@ def test_kv_cache_generation_with_tiles_equals_recompute_and_one_by_one():
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
-    engine = Engine(model, TOK)
+    engine = Generator(model, TOK)
     views = views_of(PAGES)
     pixels, tiles, grids = stack_views(views, cfg)
     prompts = ["<image>\nFree OCR.", "<image>\nRead it.", "<image>\nParse the figure, then list it."]
-    kw = dict(max_new_tokens=20, tiles=normalize(tiles), grids=grids)
-    cached = engine.generate(prompts, normalize(pixels), **kw)
-    assert cached == engine.generate(prompts, normalize(pixels), use_cache=False, **kw)
+    kw = dict(max_new_tokens=20, tiles=tiles, grids=grids)
+    cached = engine.generate(prompts, pixels, **kw)
+    assert cached == engine.generate(prompts, pixels, use_cache=False, **kw)
     alone = []
     for p, v in zip(prompts, views):
         pi, ti, gi = stack_views([v], cfg)
-        alone += engine.generate([p], normalize(pi), max_new_tokens=20, tiles=normalize(ti), grids=gi)
+        alone += engine.generate([p], pi, max_new_tokens=20, tiles=ti, grids=gi)
     assert cached == alone
     ids = torch.tensor([TOK.render_prompt(prompts[0], 238)])      # and the tiles reach the logits: swap page 0's
     with torch.no_grad():
-        own, swapped = (model(ids, pixel_values=normalize(pixels[:1]), tile_values=normalize(t), tile_grids=grids[:1])
+        own, swapped = (model(ids, pixel_values=pixels[:1], tile_values=t, tile_grids=grids[:1])
                         for t in (tiles[:6], tiles[6:]))
     assert not torch.allclose(own, swapped)
 
@@ -280,7 +280,7 @@ def test_plan_counts_tiles_in_global_view_equivalents():
     """d20 stage 2, 2 x 8192 tokens: untiled pages give 2 x 30 = 60 global views; 3x1 pages (583 embeddings) give
     14 per row of 1 + 3·(640/1024)² = 2.17 views each, 2 x 30.4 -> 61, the worst grid. A cap counts views whole."""
     def cfg(*args):
-        return recipe.build_config(["--preset=d20", "--stage=2", "--data.text_shards=unread", "--micro_batch=2", *args])
+        return cli.train_config(["--preset=d20", "--stage=2", "--data.text_shards=unread", "--micro_batch=2", *args])
 
     assert plan.images_per_micro_batch(cfg("--mode=base")) == 60
     assert plan.images_per_micro_batch(cfg("--mode=gundam")) == 61

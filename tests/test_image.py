@@ -11,7 +11,9 @@ from PIL import Image
 
 from ocr_vlm import config
 from ocr_vlm.data import render
-from ocr_vlm.image import PAD_COLOR, ImageError, load_array, load_image, load_pixels, plain_png, process_image
+from ocr_vlm.image import PAD_COLOR, load_array, load_image, load_pixels, plain_png
+from ocr_vlm.model.vlm import normalize
+from ocr_vlm.rejected import Rejected
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -22,7 +24,7 @@ def encode(image: Image.Image, fmt: str, **params) -> bytes:
 
 def test_output_range_and_padding_keep_aspect():
     page = Image.new("RGB", (200, 100), (255, 255, 255))        # wide white page
-    pixels = process_image(encode(page, "PNG"), size=64, resize="pad")
+    pixels = normalize(load_pixels(encode(page, "PNG"), size=64, resize="pad"), torch.float32)
     assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.float32
     assert pixels[:, 32, 32].allclose(torch.ones(3))             # white -> +1 in the middle
     grey = (PAD_COLOR[0] / 255 - 0.5) / 0.5
@@ -59,14 +61,14 @@ def test_fast_pad_places_the_page_as_image_ops_pad(page_size):
 
 def test_resize_mode_stretches():
     page = Image.new("RGB", (200, 100), (255, 255, 255))
-    assert process_image(page, size=64, resize="resize").min() == 1.0
+    assert normalize(load_pixels(page, size=64, resize="resize"), torch.float32).min() == 1.0
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "LA", "RGBA", "CMYK", "I;16", "1"])
 def test_every_mode_becomes_rgb(mode):
     image = Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode)
     fmt = "JPEG" if mode == "CMYK" else "PNG"
-    pixels = process_image(encode(image, fmt), size=32)
+    pixels = normalize(load_pixels(encode(image, fmt), size=32), torch.float32)
     assert pixels.shape == (3, 32, 32) and torch.isfinite(pixels).all()
 
 
@@ -124,19 +126,19 @@ def test_exif_orientation_is_applied():
 @pytest.mark.parametrize("load", [load_image, load_array])   # Pillow's decoder, pyspng's
 def test_truncated_bytes_fail_clearly(load):
     data = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")
-    with pytest.raises(ImageError, match="cannot decode"):
+    with pytest.raises(Rejected, match="cannot decode"):
         load(data[: len(data) // 2])
 
 
 def test_unknown_format_fails_clearly():
-    with pytest.raises(ImageError, match="not a recognised image format"):
+    with pytest.raises(Rejected, match="not a recognised image format"):
         load_image(b"%PDF-1.4 definitely not an image")
 
 
 @pytest.mark.parametrize("load", [load_image, load_array])   # pyspng's path checks the header before decoding
 def test_decompression_bomb_fails_clearly(monkeypatch, load):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(ImageError, match="pixel limit"):
+    with pytest.raises(Rejected, match="pixel limit"):
         load(encode(Image.new("L", (40, 30)), "PNG"))     # 1200 px: between 1x and 2x the limit
 
 
@@ -144,7 +146,7 @@ def test_mode_token_counts_follow_the_config():
     cfg = config.d20()
     counts = {}
     for mode in config.RESOLUTION_MODES:
-        cfg.set_mode(mode)
+        cfg = cfg.with_mode(mode)
         counts[mode] = cfg.image_tokens
     assert counts == {"tiny": 73, "small": 111, "base": 273, "large": 421}
-    assert config.tiny().image_tokens == 73
+    assert config.mini().image_tokens == 73

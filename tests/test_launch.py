@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from ocr_vlm import plan, recipe
+from ocr_vlm import cli, plan
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Each of these breaks when arguments pass through an unquoted `$*`: the brace pattern becomes four shards, the
 # space splits a value, the glob matches the file planted below, and `$HOME` expands.
 TRICKY = ["--data.shards=/d/{000000..000003}.tar", "--run_name=two words", "--data.text_shards=*.tar",
-          "--eval_shards=/d/shard-?.tar", "--tokenizer=$HOME/tok.json", "--init=ocr_vlm=/w/a b,nanochat=/w/[x]"]
+          "--val_shards=/d/shard-?.tar", "--tokenizer=$HOME/tok.json", "--init=ocr_vlm=/w/a b,nanochat=/w/[x]"]
 
 STUBS = {
     # argv, NUL-separated, one file per call
@@ -94,7 +94,7 @@ def test_stage_recipes_fit_a_40gb_gpu(cluster, script):
     """What the stage scripts launch, planned per GPU on 8 GPUs: within a 40 GB A100 under the shipped ds_config."""
     ds = cluster(script, DATA="/data")["deepspeed"]
     args = ds[ds.index("--ds_config") + 2:]
-    planned = plan.plan(recipe.build_config(args), plan.Engine.from_json(str(REPO / ds[ds.index("--ds_config") + 1])),
+    planned = plan.plan(cli.train_config(args), plan.DeepSpeedSettings.from_json(str(REPO / ds[ds.index("--ds_config") + 1])),
                         gpus=8)
-    assert planned["images"] < plan.images_per_micro_batch(plan.with_sizes(recipe.build_config(args), max_images=0))
+    assert planned["images"] < plan.images_per_micro_batch(plan.with_sizes(cli.train_config(args), max_images=0))
     assert planned["total"] < 40 * plan.GiB

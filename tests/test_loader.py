@@ -16,10 +16,10 @@ from ocr_vlm.data.loader import Loader
 from ocr_vlm.data.shards import Record, write_shards
 from ocr_vlm.data.stream import Origin, SampleStream, ShardSet, slot_ranges
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
+from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 
-VLM = config.tiny()
-TOK = Tokenizer.load(TINY_TOKENIZER)
+VLM = config.mini()
+TOK = Tokenizer.load(MINI_TOKENIZER)
 
 
 def png(size=(24, 16), color=(255, 255, 255)) -> bytes:
@@ -60,7 +60,7 @@ def corpus(tmp_path_factory):
 
 
 def data(root, **kw) -> DataConfig:
-    base = dict(shards=str(root / "pages"), seq_len=400, batch_rows=2, num_workers=2, shuffle_buffer=8, seed=7)
+    base = dict(shards=str(root / "pages"), seq_len=400, num_workers=2, shuffle_buffer=8, seed=7)
     return DataConfig(**(base | kw))
 
 
@@ -74,14 +74,14 @@ def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(corpus):
     root, texts = corpus
     seen = []
     for rank in range(2):
-        seen += [r for b in Loader(data(root), VLM, TINY_TOKENIZER, rank, 2, finite=True) for r in responses_in(b)]
+        seen += [r for b in Loader(data(root), VLM, MINI_TOKENIZER, rank, 2, finite=True, batch_rows=2) for r in responses_in(b)]
     assert sorted(seen) == sorted(texts)
 
 
 def test_endless_stream_gives_every_rank_batches_and_image_counts_match(corpus):
     root, _ = corpus
     for rank in range(2):
-        batches = iter(Loader(data(root), VLM, TINY_TOKENIZER, rank, 2))
+        batches = iter(Loader(data(root), VLM, MINI_TOKENIZER, rank, 2, batch_rows=2))
         for _ in range(12):                         # several epochs of this rank's 15 samples
             b = next(batches)
             n_images = int((b["input_ids"] == VLM.image_token_id).sum()) // VLM.image_tokens
@@ -91,7 +91,7 @@ def test_endless_stream_gives_every_rank_batches_and_image_counts_match(corpus):
 
 def test_rows_are_packed_full_and_positions_restart(corpus):
     root, _ = corpus
-    batch = next(iter(Loader(data(root, shuffle_buffer=0, num_workers=0), VLM, TINY_TOKENIZER)))
+    batch = next(iter(Loader(data(root, shuffle_buffer=0, num_workers=0), VLM, MINI_TOKENIZER, batch_rows=2)))
     sample_len = int((batch["doc_ids"][0] == 0).sum())
     for docs, positions, ids in zip(batch["doc_ids"], batch["position_ids"], batch["input_ids"]):
         used = int((docs >= 0).sum())
@@ -105,13 +105,13 @@ def test_rows_are_packed_full_and_positions_restart(corpus):
 def test_resume_continues_at_the_exact_next_batch(corpus):
     root, _ = corpus
     cfg = data(root, text_shards=str(root / "chats"), text_ratio=0.3)
-    first = Loader(cfg, VLM, TINY_TOKENIZER, rank=1, world=2)
+    first = Loader(cfg, VLM, MINI_TOKENIZER, rank=1, world=2, batch_rows=2)
     stream = iter(first)
     for _ in range(5):
         next(stream)
     state = json.loads(json.dumps(first.state_dict()))          # as it travels through a checkpoint
     expected = [next(stream) for _ in range(6)]
-    resumed = Loader(cfg, VLM, TINY_TOKENIZER, rank=1, world=2)
+    resumed = Loader(cfg, VLM, MINI_TOKENIZER, rank=1, world=2, batch_rows=2)
     resumed.load_state_dict(state)
     for want, got in zip(expected, iter(resumed)):
         for key in ("input_ids", "targets", "position_ids", "doc_ids", "pixel_values"):
@@ -153,14 +153,14 @@ def test_loader_resumed_on_other_ranks_or_workers_reads_the_rest_of_the_epoch(co
     batch boundary)."""
     root, texts = corpus
     (old_world, old_workers), (new_world, new_workers) = old, new
-    cfg = data(root, seq_len=150, batch_rows=1, num_workers=old_workers)
-    loaders = [Loader(cfg, VLM, TINY_TOKENIZER, rank, old_world) for rank in range(old_world)]
+    cfg = data(root, seq_len=150, num_workers=old_workers)
+    loaders = [Loader(cfg, VLM, MINI_TOKENIZER, rank, old_world) for rank in range(old_world)]
     taken = [r for loader in loaders for _, b in zip(range(4 + loader.rank), loader) for r in responses_in(b)]
     states = [json.loads(json.dumps(loader.state_dict())) for loader in loaders]   # as they travel in a checkpoint
     assert all(w["vision"][0] == 0 for s in states for w in s["workers"].values())
     rest = []
     for rank in range(new_world):
-        loader = Loader(data(root, seq_len=150, batch_rows=1, num_workers=new_workers), VLM, TINY_TOKENIZER, rank,
+        loader = Loader(data(root, seq_len=150, num_workers=new_workers), VLM, MINI_TOKENIZER, rank,
                         new_world)
         assert not loader.resume(states)
         for batch in loader:
@@ -173,9 +173,9 @@ def test_loader_resumed_on_other_ranks_or_workers_reads_the_rest_of_the_epoch(co
 
 def test_mixing_ratio_within_two_percent(corpus):
     root, _ = corpus
-    cfg = data(root, text_shards=str(root / "chats"), text_ratio=0.1, num_workers=0, seq_len=4000, batch_rows=1)
+    cfg = data(root, text_shards=str(root / "chats"), text_ratio=0.1, num_workers=0, seq_len=4000)
     counts = Counter()
-    for batch in Loader(cfg, VLM, TINY_TOKENIZER):
+    for batch in Loader(cfg, VLM, MINI_TOKENIZER):
         counts.update(batch["counters"])
         if counts["samples"] >= 2000:
             break
@@ -216,9 +216,9 @@ def test_corrupt_samples_are_skipped_and_counted_by_reason(tmp_path):
     index["shards"]["shard-000001.tar"] = 3
     (tmp_path / "d" / "index.json").write_text(json.dumps(index))
 
-    cfg = DataConfig(shards=str(tmp_path / "d"), seq_len=2000, batch_rows=1, num_workers=0, shuffle_buffer=0)
+    cfg = DataConfig(shards=str(tmp_path / "d"), seq_len=2000, num_workers=0, shuffle_buffer=0)
     counts = Counter()
-    for batch in Loader(cfg, VLM, TINY_TOKENIZER, finite=True):
+    for batch in Loader(cfg, VLM, MINI_TOKENIZER, finite=True):
         counts.update(batch["counters"])
     assert counts["samples"] == 4
     assert {k: v for k, v in counts.items() if k.startswith("skipped/")} == {
@@ -230,8 +230,8 @@ def test_answer_is_read_as_response_by_writer_and_loader_alike(tmp_path):
     """One schema: a foreign shard whose JSON says `answer` trains the same as one the writer normalised."""
     foreign = Record("a0", {"prompt": "<image>\nFree OCR.", "answer": "TOTAL 7.07"}, png(), "png")
     write_shards([foreign], tmp_path / "foreign")
-    cfg = DataConfig(shards=str(tmp_path / "foreign"), seq_len=200, batch_rows=1, num_workers=0, shuffle_buffer=0)
-    (batch,) = Loader(cfg, VLM, TINY_TOKENIZER, finite=True)
+    cfg = DataConfig(shards=str(tmp_path / "foreign"), seq_len=200, num_workers=0, shuffle_buffer=0)
+    (batch,) = Loader(cfg, VLM, MINI_TOKENIZER, finite=True)
     assert responses_in(batch) == ["TOTAL 7.07"] and batch["reading_targets"].tolist() == list(b"TOTAL7.07")
 
 
@@ -239,9 +239,9 @@ def test_skip_counts_survive_a_one_pass_share_without_samples(tmp_path):
     good = [page(f"g{i}", f"fine {i}") for i in range(3)]
     bad = [Record(f"z{i}", {"prompt": "p"}, png(), "png") for i in range(3)]     # rank 1's whole share
     write_shards(good + bad, tmp_path / "d")
-    cfg = DataConfig(shards=str(tmp_path / "d"), seq_len=200, batch_rows=1, num_workers=0, shuffle_buffer=0)
+    cfg = DataConfig(shards=str(tmp_path / "d"), seq_len=200, num_workers=0, shuffle_buffer=0)
     counts = [Counter(), Counter()]
     for rank in (0, 1):
-        for batch in Loader(cfg, VLM, TINY_TOKENIZER, rank=rank, world=2, finite=True):
+        for batch in Loader(cfg, VLM, MINI_TOKENIZER, rank=rank, world=2, finite=True):
             counts[rank].update(batch["counters"])
     assert counts[0]["samples"] == 3 and (counts[1]["samples"], counts[1]["skipped/bad_fields"]) == (0, 3)

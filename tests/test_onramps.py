@@ -15,11 +15,13 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from ocr_vlm.config import DataConfig
-from ocr_vlm.data.loader import Loader, decode
+from ocr_vlm.data.loader import Loader
+from ocr_vlm.data.sample import decode
 from ocr_vlm.data.shards import image_member
 from ocr_vlm.data.shards import main as shards_main
 from ocr_vlm.data.stream import ShardSet
-from ocr_vlm.tokenizer import TINY_TOKENIZER
+from ocr_vlm.model.gpt import IGNORE_INDEX
+from ocr_vlm.tokenizer import MINI_TOKENIZER
 from pdf import tiny_pdf
 from test_loader import TOK, VLM, responses_in
 from test_train import deepspeed, losses
@@ -50,8 +52,8 @@ def samples(directory: Path) -> dict[str, dict]:
 
 def supervised(sample: dict) -> tuple[str, int]:
     """What a sample trains on (decoded targets) and how many <|image|> placeholders it holds."""
-    ids, mask, *_ = decode(sample, TOK, VLM)
-    return TOK.decode([i for i, m in zip(ids, mask) if m]), ids.count(TOK.image_id)
+    example = decode(sample, TOK, VLM)
+    return TOK.decode([t for t in example.targets if t != IGNORE_INDEX]), example.inputs.count(TOK.image_id)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,12 +110,12 @@ def written(inputs, tmp_path_factory):
     """Each on-ramp's shards, bad records skipped (or, for pages without text, always) and counted."""
     out = tmp_path_factory.mktemp("shards")
     indexes = {
-        "conversations": write("--conversations", str(inputs / "llava.json"), "--images-root",
-                               str(inputs / "images"), "--out", str(out / "conversations"), "--skip-bad"),
-        "saved": write("--hf-dataset", str(inputs / "saved"), "--out", str(out / "saved"), "--skip-bad"),
-        "parquet": write("--hf-dataset", str(inputs / "table.parquet"), "--image-column", "image",
-                         "--text-column", "text", "--prompt", "<image>\nRead the row.", "--out", str(out / "parquet"),
-                         "--skip-bad"),
+        "conversations": write("--conversations", str(inputs / "llava.json"), "--images_root",
+                               str(inputs / "images"), "--out", str(out / "conversations"), "--skip_bad"),
+        "saved": write("--hf_dataset", str(inputs / "saved"), "--out", str(out / "saved"), "--skip_bad"),
+        "parquet": write("--hf_dataset", str(inputs / "table.parquet"), "--image_column", "image",
+                         "--text_column", "text", "--prompt", "<image>\nRead the row.", "--out", str(out / "parquet"),
+                         "--skip_bad"),
         "documents": write("--documents", str(inputs / "docs"), "--dpi", "144", "--out", str(out / "documents")),
     }
     return out, indexes
@@ -162,9 +164,9 @@ def test_hf_datasets_and_parquet_become_vision_samples(inputs, written, tmp_path
         metas = [json.loads(s["json"]) for s in read.values()]
         assert [m["response"] for m in metas] == ["ROW ZERO", "ROW ONE"] and {m["prompt"] for m in metas} == {prompt}
     with pytest.raises(SystemExit, match=r"a DatasetDict with splits \['train'\]; give one split's directory"):
-        write("--hf-dataset", str(inputs / "dict"), "--out", str(tmp_path / "x"))
+        write("--hf_dataset", str(inputs / "dict"), "--out", str(tmp_path / "x"))
     with pytest.raises(SystemExit, match=r"table\.parquet: no column 'page'; columns: \['image', 'text'\]"):
-        write("--hf-dataset", str(inputs / "table.parquet"), "--image-column", "page", "--out", str(tmp_path / "x"))
+        write("--hf_dataset", str(inputs / "table.parquet"), "--image_column", "page", "--out", str(tmp_path / "x"))
 
 
 def test_pdf_and_tiff_pages_become_samples_and_textless_pages_are_counted(inputs, written, tmp_path):
@@ -180,7 +182,7 @@ def test_pdf_and_tiff_pages_become_samples_and_textless_pages_are_counted(inputs
     (tmp_path / "bare.tif").write_bytes((inputs / "docs" / "scan.tif").read_bytes())    # no sidecar
     with pytest.raises(SystemExit, match=r"broken\.pdf: not a readable PDF"):
         write("--documents", str(tmp_path / "broken.pdf"), "--out", str(tmp_path / "x"))
-    index = write("--documents", str(tmp_path), "--out", str(tmp_path / "lenient"), "--skip-bad")
+    index = write("--documents", str(tmp_path), "--out", str(tmp_path / "lenient"), "--skip_bad")
     assert index["total"] == 0 and index["skipped"] == {"bad_document": 2}
 
 
@@ -221,10 +223,11 @@ def test_remote_shards_open_through_webdataset_with_their_index(written, http_se
         ShardSet.from_spec(f"pipe:cat {tmp_path}/served/index.json")
     data = DataConfig(shards=f"{http_server}/documents/shard-000000.tar", seq_len=400, num_workers=1,
                       shuffle_buffer=0)
-    read = [r for batch in Loader(data, VLM, TINY_TOKENIZER, finite=True) for r in responses_in(batch)]
+    read = [r for batch in Loader(data, VLM, MINI_TOKENIZER, finite=True) for r in responses_in(batch)]
     assert sorted(read) == sorted(json.loads(s["json"])["response"] for s in samples(out / "documents").values())
 
 
+@pytest.mark.slow
 def test_every_onramp_trains_from_pipe_shards(written, tmp_path):
     out, _ = written
     spec = "::".join(f"pipe:cat {out / name}/index.json" for name in ("conversations", "saved", "parquet", "documents"))
@@ -240,7 +243,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "shards" / "examples"
     (["--manifest", "manifest.jsonl"], (1, 0, {})),
     (["--conversations", "llava.json"], (2, 1, {})),
     (["--conversations", "messages.jsonl"], (1, 1, {})),
-    (["--hf-dataset", "table.parquet", "--image-column", "image", "--text-column", "text"], (2, 0, {})),
+    (["--hf_dataset", "table.parquet", "--image_column", "image", "--text_column", "text"], (2, 0, {})),
     (["--documents", "invoice.pdf", "scan.tif"], (3, 0, {"empty_page": 1})),
 ])
 def test_the_shipped_examples_convert(args, counts, tmp_path):

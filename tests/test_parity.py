@@ -30,7 +30,7 @@ def test_sam_trunk_and_neck_match_hf_sam_vision_encoder(tmp_path):
     hf = randomize(transformers.SamVisionModel(hf_cfg)).eval()
     save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "sam.safetensors")
 
-    cfg = config.tiny()
+    cfg = config.mini()
     cfg.sam = dataclasses.replace(cfg.sam, image_size=80, patch_size=8, width=32, depth=3, heads=2, window_size=4,
                                   global_attn_indexes=(1,), neck_channels=16)
     model = build_model(cfg).eval()
@@ -46,7 +46,7 @@ def test_sam_trunk_and_neck_match_hf_sam_vision_encoder(tmp_path):
 
 
 def test_clip_layers_match_hf_clip_encoder(tmp_path):
-    cfg = config.tiny()                       # CLIP width 128, 2 layers, 2 heads, 8x8 position grid
+    cfg = config.mini()                       # CLIP width 128, 2 layers, 2 heads, 8x8 position grid
     hf_cfg = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=8 * 14, patch_size=14,
                                            hidden_act="quick_gelu", attn_implementation="sdpa")
@@ -77,7 +77,7 @@ def test_gpt_logits_match_hf_nanochat(tmp_path, kv_heads):
     hf = randomize(transformers.NanoChatForCausalLM(hf_cfg)).eval()
     hf.save_pretrained(tmp_path)
 
-    cfg = config.tiny()
+    cfg = config.mini()
     cfg.gpt = hf_nanochat_gpt_config(tmp_path)
     assert (cfg.gpt.n_head, cfg.gpt.n_kv_head, cfg.gpt.vocab_size) == (4, kv_heads, 513)
     cfg.image_token_id = 512

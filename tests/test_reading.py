@@ -14,7 +14,7 @@ from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.reading import BLANK, CLASSES, ReadingHead, reading_targets
 from ocr_vlm.model.vlm import build_model
 
-CFG = dataclasses.replace(config.tiny(), reading_head=(2, 4))
+CFG = dataclasses.replace(config.mini(), reading_head=(2, 4))
 
 
 def test_reading_targets_are_the_bytes_without_whitespace():
@@ -67,7 +67,7 @@ def test_reading_weight_needs_a_reading_head():
     with pytest.raises(ConfigError, match="reading_weight"):
         config.TrainConfig(reading_weight=0.1).validate()
     with pytest.raises(ConfigError, match="reading_head"):
-        dataclasses.replace(config.tiny(), reading_head=(2,)).validate()
+        dataclasses.replace(config.mini(), reading_head=(2,)).validate()
     config.TrainConfig(reading_weight=0.1, model=CFG).validate()
 
 

@@ -45,7 +45,7 @@ def manifest(tmp_path):
 def test_manifest_round_trip_with_max_count(tmp_path, manifest):
     pages, chats = manifest
     shards_main(["write", "--manifest", str(pages), "--conversations", str(chats), "--out", str(tmp_path / "out"),
-                 "--max-count", "5"])
+                 "--max_count", "5"])
     index = json.loads((tmp_path / "out" / "index.json").read_text())
     assert index["total"] == 24 and (index["vision"], index["text"]) == (12, 12)
     assert list(index["shards"].values()) == [5, 5, 5, 5, 4]
@@ -60,7 +60,7 @@ def test_manifest_round_trip_with_max_count(tmp_path, manifest):
         assert sample[image.suffix[1:]] == image.read_bytes()          # original bytes, not re-encoded
     # Deterministic: writing again gives identical bytes.
     shards_main(["write", "--manifest", str(pages), "--conversations", str(chats), "--out", str(tmp_path / "again"),
-                 "--max-count", "5"])
+                 "--max_count", "5"])
     for name in index["shards"]:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
 
@@ -79,7 +79,7 @@ def test_bad_records_are_named_or_skipped_and_counted(tmp_path, manifest):
 
     with pytest.raises(SystemExit, match=r"bad\.jsonl:1: field 'prompt' missing"):
         shards_main(["write", "--manifest", str(bad), "--out", str(tmp_path / "strict")])
-    shards_main(["write", "--manifest", str(bad), "--out", str(tmp_path / "lenient"), "--skip-bad"])
+    shards_main(["write", "--manifest", str(bad), "--out", str(tmp_path / "lenient"), "--skip_bad"])
     index = json.loads((tmp_path / "lenient" / "index.json").read_text())
     assert index["total"] == 8
     assert index["skipped"] == {"bad_fields": 2, "bad_image": 1, "bad_json": 1, "missing_image": 1}
@@ -94,7 +94,7 @@ def test_bad_conversations_and_keys_are_named(tmp_path, manifest):
     bad_chats.write_text("\n".join(json.dumps(c) for c in [first, user_only, swapped]) + "\n")
     with pytest.raises(SystemExit, match=r"chats\.jsonl:2: roles \['user'\] must alternate"):
         shards_main(["write", "--conversations", str(bad_chats), "--out", str(tmp_path / "c")])
-    shards_main(["write", "--conversations", str(bad_chats), "--out", str(tmp_path / "c"), "--skip-bad"])
+    shards_main(["write", "--conversations", str(bad_chats), "--out", str(tmp_path / "c"), "--skip_bad"])
     assert json.loads((tmp_path / "c" / "index.json").read_text())["skipped"] == {"bad_fields": 2}
 
     page = json.loads(pages.read_text().splitlines()[0])

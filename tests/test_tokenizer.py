@@ -6,13 +6,13 @@ import pickle
 import pytest
 import tiktoken
 
-from ocr_vlm.tokenizer import (IMAGE_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN, TINY_TOKENIZER, Tokenizer,
+from ocr_vlm.tokenizer import (IMAGE_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN, MINI_TOKENIZER, Tokenizer,
                                TokenizerError, main)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.load(TINY_TOKENIZER)
+    return Tokenizer.load(MINI_TOKENIZER)
 
 
 def test_layout_matches_nanochat_plus_image(tok):
@@ -146,9 +146,9 @@ def test_cli_convert_refuses_without_trust_and_writes_json_with_it(tmp_path, cap
     nanochat_pickle(tmp_path)
     out = tmp_path / "tokenizer.json"
     with pytest.raises(SystemExit):
-        main(["convert", "--nanochat-dir", str(tmp_path), "--out", str(out)])
+        main(["convert", "--nanochat_dir", str(tmp_path), "--out", str(out)])
     assert "is a pickle" in capsys.readouterr().err and not out.exists()
-    main(["convert", "--nanochat-dir", str(tmp_path), "--trust-pickle", "--out", str(out)])
+    main(["convert", "--nanochat_dir", str(tmp_path), "--trust_pickle", "--out", str(out)])
     assert Tokenizer.load(out).image_id == 266
 
 
@@ -164,6 +164,6 @@ def test_train_reaches_requested_size(tmp_path):
 def test_cli_train_writes_a_loadable_tokenizer(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"TOTAL {i}.{i % 100:02d}\nInvoice {i * 3}\n" for i in range(300)))
-    main(["train", "--input", str(corpus), "--vocab-size", "290", "--out", str(tmp_path / "tok.json")])
+    main(["train", "--input", str(corpus), "--vocab_size", "290", "--out", str(tmp_path / "tok.json")])
     tok = Tokenizer.load(tmp_path / "tok.json")
     assert tok.vocab_size == 291 and tok.decode(tok.encode("TOTAL 7.07")) == "TOTAL 7.07"

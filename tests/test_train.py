@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ocr_vlm import config, recipe
+from ocr_vlm import cli, config
 from ocr_vlm.data import render
 from ocr_vlm.data.loader import Loader
 from ocr_vlm.data.shards import text_record, write_shards
-from ocr_vlm.evaluate import evaluate
-from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
-from ocr_vlm.train import engine_config
-from ocr_vlm.weights import load_exported
+from ocr_vlm.report import evaluate
+from ocr_vlm.tokenizer import MINI_TOKENIZER
+from ocr_vlm.train import deepspeed_config
+from ocr_vlm.weights import load_export
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,8 +57,8 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def zero2(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2")
-    deepspeed(out, "--steps=8", "--save_every=4", "--wandb=true", "--eval_every=4", "--eval_shards=shards/tier1",
-              "--eval_read=4", "--eval_read_tokens=8")
+    deepspeed(out, "--steps=8", "--save_every=4", "--wandb=true", "--val_every=4", "--val_shards=shards/tier1",
+              "--val_read=4", "--val_read_tokens=8")
     return out
 
 
@@ -84,19 +84,19 @@ def test_reading_head_and_tower_gradients_are_logged(tmp_path):
     # pass none back); after one update every component has one
     assert all(steps[-1][f"grad_norm/{name}"] > 0 for name in ("sam", "clip", "projector", "gpt"))
     assert "reading " in out and "(sam " in out
-    model, cfg = load_exported(tmp_path / "export")     # the head travels with the export, strictly loaded
+    model, _ = load_export(tmp_path / "export")     # the head travels with the export, strictly loaded
+    cfg = model.cfg
     assert cfg.reading_head == (2, 4) and model.reading_head is not None
 
 
 def test_gundam_trains_on_two_ranks_evaluates_and_generates(chats, tmp_path):
-    """Gundam at tiny (256-px global views, 160-px tiles): tier1's pages (320-384 px wide) all get 2x2 or 3x2 tiles,
+    """Gundam at mini (256-px global views, 160-px tiles): tier1's pages (320-384 px wide) all get 2x2 or 3x2 tiles,
     so packed rows mix embedding counts. Under ZeRO-3 with text-only micro-batches: a rank without tiles runs a blank
     one, or the ranks' gathers mismatch. The export keeps the mode for evaluation and generation."""
-    model = config.tiny()
-    model.set_mode("gundam")
-    data = config.strict_overrides(config.DataConfig(), ["--shards=shards/tier1", f"--text_shards={chats}",
-                                                         "--text_ratio=0.9", "--seq_len=512", "--num_workers=1"])
-    streams = [iter(Loader(data, model, TINY_TOKENIZER, rank, 2)) for rank in range(2)]
+    model = config.mini()
+    model = model.with_mode("gundam")
+    data = config.DataConfig(shards="shards/tier1", text_shards=str(chats), text_ratio=0.9, seq_len=512, num_workers=1)
+    streams = [iter(Loader(data, model, MINI_TOKENIZER, rank, 2)) for rank in range(2)]
     tiled = [[len(next(s)["tile_values"]) > 0 for _ in range(12)] for s in streams]     # 6 steps x 2 micro-steps
     assert any(a != b for a, b in zip(*tiled))        # at some micro-step one rank has tiles, the other none
 
@@ -104,13 +104,14 @@ def test_gundam_trains_on_two_ranks_evaluates_and_generates(chats, tmp_path):
               "--data.text_ratio=0.9", ds_config="zero3.json")
     trace = losses(tmp_path)
     assert sorted(trace) == list(range(1, 7)) and (trace[5] + trace[6]) / 2 < trace[1] - 0.5
-    model, cfg = load_exported(tmp_path / "export")
+    model, tokenizer = load_export(tmp_path / "export")
+    cfg = model.cfg
     assert (cfg.image_size, cfg.tile_size, cfg.max_crops) == (256, 160, 6)
-    result = evaluate(model, Tokenizer.load(TINY_TOKENIZER), "shards/tier1", max_new_tokens=4, limit=2)
+    result = evaluate(model, tokenizer, "shards/tier1", max_new_tokens=4, limit=2)
     assert result["summary"]["samples"] == 2 and all(r["loss"] > 0 for r in result["samples"])
     Image.new("RGB", (400, 300), "white").save(tmp_path / "page.png")
     run([sys.executable, "-m", "ocr_vlm.generate", "--checkpoint", str(tmp_path / "export"), "--image",
-         str(tmp_path / "page.png"), "--max-new-tokens", "4", "--max_crops", "9"])
+         str(tmp_path / "page.png"), "--max_new_tokens", "4", "--max_crops", "9"])
 
 
 def test_metrics_reach_jsonl_and_wandb_offline(zero2):
@@ -122,7 +123,8 @@ def test_metrics_reach_jsonl_and_wandb_offline(zero2):
 
 def test_latest_points_at_the_final_checkpoint_and_export_reloads(zero2):
     assert (zero2 / "checkpoints" / "latest").read_text() == "step000008"
-    model, cfg = load_exported(zero2 / "export")
+    model, _ = load_export(zero2 / "export")
+    cfg = model.cfg
     module = torch.load(zero2 / "checkpoints" / "step000008" / "mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=True)["module"]   # nothing in it needs unpickling
     reference = type(model)(cfg)
@@ -140,16 +142,16 @@ def test_export_cli_exports_any_saved_checkpoint(zero2, tmp_path):
     for tag in ("step000004", "step000008"):
         run([sys.executable, "-m", "ocr_vlm.export", "--checkpoint", str(zero2 / "checkpoints" / tag),
              "--out", str(tmp_path / tag)])
-    final, _ = load_exported(tmp_path / "step000008")
-    end_of_run, _ = load_exported(zero2 / "export")
+    final, _ = load_export(tmp_path / "step000008")
+    end_of_run, _ = load_export(zero2 / "export")
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), end_of_run.state_dict().values()))
-    earlier, _ = load_exported(tmp_path / "step000004")
+    earlier, _ = load_export(tmp_path / "step000004")
     module = torch.load(zero2 / "checkpoints" / "step000004" / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=True)["module"]
     assert earlier.state_dict().keys() == module.keys()
     assert all(torch.equal(earlier.state_dict()[k], module[k]) for k in module)
     assert not all(torch.equal(earlier.state_dict()[k], final.state_dict()[k]) for k in module)   # another step's
-    assert (tmp_path / "step000004" / "tokenizer.json").read_bytes() == TINY_TOKENIZER.read_bytes()
+    assert (tmp_path / "step000004" / "tokenizer.json").read_bytes() == MINI_TOKENIZER.read_bytes()
 
 
 def test_resume_reproduces_the_uninterrupted_loss_trace(zero2, tmp_path):
@@ -185,15 +187,14 @@ def test_stage2_zero3_freezes_sam_and_survives_text_only_micro_batches(zero2, ch
     args = ["--stage=2", f"--init=ocr_vlm={zero2 / 'export'}", f"--data.text_shards={chats}", "--data.text_ratio=0.9",
             "--steps=4", "--lr=2e-3", "--checkpointing=sam,clip,gpt"]
     # The same data the two ranks will draw: at some micro-step one rank has only text while the other has pages.
-    data = config.strict_overrides(config.DataConfig(), ["--shards=shards/tier1", f"--text_shards={chats}",
-                                                         "--text_ratio=0.9", "--seq_len=256", "--num_workers=1"])
-    streams = [iter(Loader(data, config.tiny(), TINY_TOKENIZER, rank, 2)) for rank in range(2)]
+    data = config.DataConfig(shards="shards/tier1", text_shards=str(chats), text_ratio=0.9, seq_len=256, num_workers=1)
+    streams = [iter(Loader(data, config.mini(), MINI_TOKENIZER, rank, 2)) for rank in range(2)]
     has_pages = [[next(s)["counters"].get("vision_samples", 0) > 0 for _ in range(8)] for s in streams]
     assert any(a != b for a, b in zip(*has_pages))
 
     deepspeed(tmp_path, *args, ds_config="zero3.json")
-    init, _ = load_exported(zero2 / "export")
-    final, _ = load_exported(tmp_path / "export")
+    init, _ = load_export(zero2 / "export")
+    final, _ = load_export(tmp_path / "export")
     before, after = init.state_dict(), final.state_dict()
     for name in before:
         if name.startswith("sam_model."):
@@ -206,7 +207,7 @@ def test_stage2_zero3_freezes_sam_and_survives_text_only_micro_batches(zero2, ch
 
 def test_zero3_offload_trains_with_deepspeed_cpu_adam(tmp_path):
     out = deepspeed(tmp_path, "--steps=3", "--global_batch=1", ranks=1, ds_config="zero3_offload.json")
-    assert "engine: ZeRO-3, fp32, DeepSpeedCPUAdam" in out
+    assert "deepspeed: ZeRO-3, fp32, DeepSpeedCPUAdam" in out
     trace = losses(tmp_path)
     assert sorted(trace) == [1, 2, 3] and trace[3] < trace[1]
 
@@ -233,8 +234,8 @@ def test_tier1_pages_are_read_back_exactly(tmp_path):
     write_shards(records, tmp_path / "pages", prefix="tier1")
     deepspeed(tmp_path / "run", f"--data.shards={tmp_path / 'pages'}", "--steps=140", "--lr=3e-3",
               "--min_lr_ratio=0.1", "--warmup_steps=5", "--data.shuffle_buffer=4", "--freeze=sam,clip")
-    model, _ = load_exported(tmp_path / "run" / "export")
-    result = evaluate(model, Tokenizer.load(tmp_path / "run" / "export" / "tokenizer.json"), str(tmp_path / "pages"),
+    model, tokenizer = load_export(tmp_path / "run" / "export")
+    result = evaluate(model, tokenizer, str(tmp_path / "pages"),
                       max_new_tokens=120)
     assert [s["generated"] for s in result["samples"]] == [s["expected"] for s in result["samples"]]
     assert result["summary"]["distinct_outputs"] == 4
@@ -248,9 +249,9 @@ def test_torchrun_launch(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
-def test_shipped_engine_configs_accumulate_in_fp32_and_say_what_bf16_auto_chose(name, tmp_path):
-    cfg = recipe.build_config(["--micro_batch=2", "--global_batch=8"])
-    ds, chose = engine_config(f"ds_configs/{name}.json", cfg, world=2, device=torch.device("cpu"))
+def test_shipped_deepspeed_configs_accumulate_in_fp32_and_say_what_bf16_auto_chose(name, tmp_path):
+    cfg = cli.train_config(["--micro_batch=2", "--global_batch=8"])
+    ds, chose = deepspeed_config(f"ds_configs/{name}.json", cfg, world=2, device=torch.device("cpu"))
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 8)
     assert ds["data_types"]["grad_accum_dtype"] == "fp32"       # bf16 gradients summed over micro-batches lose bits
     assert ds["bf16"]["enabled"] is False and chose == 'bf16 "auto" chose fp32: cpu emulates bf16, several times ' \
@@ -262,5 +263,5 @@ def test_shipped_engine_configs_accumulate_in_fp32_and_say_what_bf16_auto_chose(
         assert zero["stage3_prefetch_bucket_size"] == 50_000_000 and zero["stage3_param_persistence_threshold"] == 100_000
     forced = tmp_path / "forced.json"
     forced.write_text(json.dumps({**json.loads(Path(f"ds_configs/{name}.json").read_text()), "bf16": {"enabled": True}}))
-    ds, chose = engine_config(str(forced), cfg, world=2, device=torch.device("cpu"))
+    ds, chose = deepspeed_config(str(forced), cfg, world=2, device=torch.device("cpu"))
     assert ds["bf16"]["enabled"] is True and chose == ""              # a config that says so is obeyed, unremarked

@@ -168,8 +168,8 @@ def test_d20_tower_shapes_on_meta(size, grid):
         assert clip(compressed).shape == (2, 1 + grid * grid, 1024)
 
 
-def test_tiny_sam_shape_at_its_image_size():
-    cfg = config.tiny()
+def test_mini_sam_shape_at_its_image_size():
+    cfg = config.mini()
     torch.manual_seed(0)
     with torch.no_grad():
         out = SamEncoder(cfg.sam)(torch.randn(2, 3, cfg.image_size, cfg.image_size))
@@ -186,7 +186,7 @@ def test_d20_parameter_counts_on_meta():
 
 
 def test_bad_inputs_name_the_tensor():
-    cfg = config.tiny()
+    cfg = config.mini()
     with torch.device("meta"):
         sam, clip = SamEncoder(cfg.sam), ClipEncoder(cfg.clip)
         with pytest.raises(ValueError, match="pixels"):
@@ -196,7 +196,7 @@ def test_bad_inputs_name_the_tensor():
 
 
 def test_activation_checkpointing_changes_nothing():
-    cfg = config.tiny()
+    cfg = config.mini()
     torch.manual_seed(0)
     sam, clip = SamEncoder(cfg.sam), ClipEncoder(cfg.clip)
     pixels = torch.randn(1, 3, cfg.image_size, cfg.image_size)

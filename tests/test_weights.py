@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from ocr_vlm import config
 from ocr_vlm.model.vlm import build_model
-from ocr_vlm.weights import WeightLoadError, export, load_exported, load_pretrained, nanochat_gpt_config, to_format
+from ocr_vlm.tokenizer import MINI_TOKENIZER
+from ocr_vlm.weights import WeightLoadError, load_export, load_pretrained, nanochat_gpt_config, save_export, to_format
 
 
 def randomized(model):
@@ -20,8 +21,8 @@ def randomized(model):
     return model
 
 
-def tiny_model(**gpt):
-    cfg = config.tiny()
+def mini_model(**gpt):
+    cfg = config.mini()
     for k, v in gpt.items():
         setattr(cfg.gpt, k, v)
     return build_model(cfg.validate())
@@ -43,14 +44,14 @@ def deepseek_keys(state):
 
 
 def test_deepseek_ocr_checkpoint_loads_encoder_and_ignores_its_language_model(tmp_path):
-    source = randomized(tiny_model()).state_dict()
+    source = randomized(mini_model()).state_dict()
     tensors = deepseek_keys(source)
     tensors.update({"model.embed_tokens.weight": torch.zeros(10, 4), "model.layers.0.mlp.gate.weight": torch.zeros(2),
                     "model.norm.weight": torch.zeros(4), "lm_head.weight": torch.zeros(10, 4),
                     "model.vision_model.embeddings.patch_embedding.weight": torch.zeros(128, 3, 14, 14)})
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "model-00001-of-000001.safetensors")
 
-    model = tiny_model()
+    model = mini_model()
     gpt_before = {k: v.clone() for k, v in model.gpt.state_dict().items()}
     report = load_pretrained(model, tmp_path, "deepseek_ocr")
     encoder_keys = [k for k in source if not k.startswith("gpt.")]
@@ -61,37 +62,37 @@ def test_deepseek_ocr_checkpoint_loads_encoder_and_ignores_its_language_model(tm
 
 
 def test_renamed_key_fails_naming_it(tmp_path):
-    tensors = deepseek_keys(randomized(tiny_model()).state_dict())
+    tensors = deepseek_keys(randomized(mini_model()).state_dict())
     tensors["model.sam_model.blocks.0.norm_1.weight"] = tensors.pop("model.sam_model.blocks.0.norm1.weight")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "m.safetensors")
     with pytest.raises(WeightLoadError) as err:
-        load_pretrained(tiny_model(), tmp_path / "m.safetensors", "deepseek_ocr")
+        load_pretrained(mini_model(), tmp_path / "m.safetensors", "deepseek_ocr")
     assert "unexpected key: model.sam_model.blocks.0.norm_1.weight" in str(err.value)
     assert "missing key: sam_model.blocks.0.norm1.weight" in str(err.value)
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):
-    tensors = deepseek_keys(randomized(tiny_model()).state_dict())
+    tensors = deepseek_keys(randomized(mini_model()).state_dict())
     tensors["model.projector.layers.bias"] = torch.zeros(7)
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "m.safetensors")
     with pytest.raises(WeightLoadError, match=r"projector\.layers\.bias has shape \(7,\)"):
-        load_pretrained(tiny_model(), tmp_path / "m.safetensors", "deepseek_ocr")
+        load_pretrained(mini_model(), tmp_path / "m.safetensors", "deepseek_ocr")
 
 
 def test_sharded_checkpoint_with_index(tmp_path):
-    tensors = deepseek_keys(randomized(tiny_model()).state_dict())
+    tensors = deepseek_keys(randomized(mini_model()).state_dict())
     names = sorted(tensors)
     shards = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
     for shard, keys in shards.items():
         save_file({k: tensors[k].contiguous() for k in keys}, tmp_path / shard)
     index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    report = load_pretrained(tiny_model(), tmp_path, "deepseek_ocr")
+    report = load_pretrained(mini_model(), tmp_path, "deepseek_ocr")
     assert len(report.loaded) == len(tensors)
 
 
 def test_hf_clip_split_qkv_with_and_without_prefix_round_trip(tmp_path):
-    source = randomized(tiny_model()).state_dict()
+    source = randomized(mini_model()).state_dict()
     hf = to_format(source, "hf_clip")
     assert "vision_model.encoder.layers.0.self_attn.q_proj.weight" in hf
     assert hf["vision_model.encoder.layers.0.self_attn.q_proj.weight"].shape == (128, 128)
@@ -99,7 +100,7 @@ def test_hf_clip_split_qkv_with_and_without_prefix_round_trip(tmp_path):
         tensors = dict(tensors, **{"text_model.embeddings.token_embedding.weight": torch.zeros(3, 2),
                                    "logit_scale": torch.zeros(())})
         save_file(tensors, tmp_path / f"{name}.safetensors")
-        model = tiny_model()
+        model = mini_model()
         report = load_pretrained(model, tmp_path / f"{name}.safetensors", "hf_clip")
         clip_keys = [k for k in source if k.startswith("vision_model.")]
         assert_same(model.state_dict(), source, clip_keys)
@@ -107,9 +108,9 @@ def test_hf_clip_split_qkv_with_and_without_prefix_round_trip(tmp_path):
 
 
 def test_hf_sam_leaves_the_compressor_at_init(tmp_path):
-    source = randomized(tiny_model()).state_dict()
+    source = randomized(mini_model()).state_dict()
     save_file(to_format(source, "hf_sam"), tmp_path / "sam.safetensors")
-    model = tiny_model()
+    model = mini_model()
     report = load_pretrained(model, tmp_path / "sam.safetensors", "hf_sam")
     assert report.left_at_init == ["sam_model.net_2.weight", "sam_model.net_3.weight"]
     assert_same(model.state_dict(), source, [k for k in source if k.startswith("sam_model.") and "net_" not in k])
@@ -129,12 +130,12 @@ def write_nanochat(directory, model, step, n_head):
 
 def test_nanochat_native_checkpoint_heads_come_from_meta_and_image_row_is_added(tmp_path):
     # d20's attention geometry (width 1280 = 10 heads of 128) in one layer; 16 heads of 80 would store alike.
-    source = randomized(tiny_model(n_embd=1280, n_head=10, n_kv_head=10, n_layer=1))
+    source = randomized(mini_model(n_embd=1280, n_head=10, n_kv_head=10, n_layer=1))
     write_nanochat(tmp_path, source, step=650, n_head=10)
     gpt_cfg = nanochat_gpt_config(tmp_path)
     assert (gpt_cfg.n_head, gpt_cfg.head_dim, gpt_cfg.vocab_size) == (10, 128, 763)
 
-    cfg = config.tiny()
+    cfg = config.mini()
     cfg.gpt = gpt_cfg
     model = build_model(cfg.validate())
     report = load_pretrained(model, tmp_path, "nanochat")
@@ -148,16 +149,17 @@ def test_nanochat_native_checkpoint_heads_come_from_meta_and_image_row_is_added(
 
 
 def test_nanochat_without_meta_is_refused(tmp_path):
-    write_nanochat(tmp_path, tiny_model(), step=1, n_head=2)
+    write_nanochat(tmp_path, mini_model(), step=1, n_head=2)
     (tmp_path / "meta_000001.json").unlink()
     with pytest.raises(WeightLoadError, match="head count"):
         nanochat_gpt_config(tmp_path)
 
 
 def test_export_and_load_back_give_identical_outputs(tmp_path):
-    model = randomized(tiny_model()).eval()
-    export(model, tmp_path / "export")
-    again, cfg = load_exported(tmp_path / "export")
+    model = randomized(mini_model()).eval()
+    save_export(model, tmp_path / "export", MINI_TOKENIZER)
+    again, _ = load_export(tmp_path / "export")
+    cfg = again.cfg
     assert cfg == model.cfg
     ids = torch.randint(0, 700, (1, 90))
     ids[0, 1:1 + cfg.image_tokens] = cfg.image_token_id

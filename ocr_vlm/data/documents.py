@@ -17,7 +17,8 @@ from typing import Iterable, Iterator
 
 from PIL import Image, ImageSequence
 
-from ocr_vlm.data.shards import BadRecord, Record, Source, derived_key, png_bytes
+from ocr_vlm.data.shards import Record, Source, derived_key, png_bytes
+from ocr_vlm.rejected import Rejected
 
 SUFFIXES = (".pdf", ".tif", ".tiff")
 POINTS_PER_INCH = 72                # PDF user space units
@@ -25,7 +26,7 @@ POINTS_PER_INCH = 72                # PDF user space units
 
 def document_records(paths: Iterable[Path], dpi: float, prompt: str) -> Source:
     if dpi <= 0:
-        raise BadRecord("bad_file", f"--dpi {dpi} must be positive")
+        raise Rejected("bad_file", f"--dpi {dpi} must be positive")
     for path in document_files(paths):
         try:
             texts = sidecar_texts(path)
@@ -33,11 +34,11 @@ def document_records(paths: Iterable[Path], dpi: float, prompt: str) -> Source:
             for number, text, image in pages:
                 where = f"{path} page {number}"
                 if not text:
-                    yield BadRecord("empty_page", f"{where}: no text (blank or image-only page)")
+                    yield Rejected("empty_page", f"{where}: no text (blank or image-only page)")
                     continue
                 key = derived_key(path.stem, number)
                 yield Record(key, {"id": key, "prompt": prompt, "response": text}, png_bytes(image), "png", where)
-        except BadRecord as e:
+        except Rejected as e:
             yield e
 
 
@@ -49,7 +50,7 @@ def document_files(paths: Iterable[Path]) -> list[Path]:
         elif path.is_file() and path.suffix.lower() in SUFFIXES:
             files.append(path)
         else:
-            raise BadRecord("bad_file", f"{path}: not a directory nor a {'/'.join(SUFFIXES)} file")
+            raise Rejected("bad_file", f"{path}: not a directory nor a {'/'.join(SUFFIXES)} file")
     return files
 
 
@@ -61,15 +62,15 @@ def sidecar_texts(path: Path) -> list[str | None] | None:
     try:
         texts = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRecord("bad_document", f"{sidecar}: cannot read ({e})") from None
+        raise Rejected("bad_document", f"{sidecar}: cannot read ({e})") from None
     if not isinstance(texts, list) or not all(t is None or isinstance(t, str) for t in texts):
-        raise BadRecord("bad_document", f"{sidecar}: expected a JSON list of page texts (strings or null)")
+        raise Rejected("bad_document", f"{sidecar}: expected a JSON list of page texts (strings or null)")
     return texts
 
 
 def page_texts(path: Path, pages: int, texts: list[str | None] | None) -> list[str | None] | None:
     if texts is not None and len(texts) != pages:
-        raise BadRecord("bad_document", f"{path}: {pages} pages but its sidecar holds {len(texts)} texts")
+        raise Rejected("bad_document", f"{path}: {pages} pages but its sidecar holds {len(texts)} texts")
     return texts
 
 
@@ -85,7 +86,7 @@ def pdf_pages(path: Path, dpi: float, texts: list[str | None] | None) -> Iterato
     try:
         pdf = pdfium.PdfDocument(str(path))
     except pdfium.PdfiumError as e:
-        raise BadRecord("bad_document", f"{path}: not a readable PDF ({e})") from None
+        raise Rejected("bad_document", f"{path}: not a readable PDF ({e})") from None
     try:
         texts = page_texts(path, len(pdf), texts)
         for i in range(len(pdf)):
@@ -93,7 +94,7 @@ def pdf_pages(path: Path, dpi: float, texts: list[str | None] | None) -> Iterato
             text = clean(texts[i] if texts is not None else page.get_textpage().get_text_range())
             yield i + 1, text, page.render(scale=dpi / POINTS_PER_INCH).to_pil() if text else None
     except pdfium.PdfiumError as e:
-        raise BadRecord("bad_document", f"{path}: cannot render ({e})") from None
+        raise Rejected("bad_document", f"{path}: cannot render ({e})") from None
     finally:
         pdf.close()
 
@@ -101,7 +102,7 @@ def pdf_pages(path: Path, dpi: float, texts: list[str | None] | None) -> Iterato
 def tiff_pages(path: Path, texts: list[str | None] | None) -> Iterator[tuple[int, str, Image.Image | None]]:
     """(page number, sidecar text, page image) per frame of a (multi-page) TIFF."""
     if texts is None:
-        raise BadRecord("bad_document", f"{path}: a TIFF has no text layer; give its page texts in "
+        raise Rejected("bad_document", f"{path}: a TIFF has no text layer; give its page texts in "
                                         f"{path.with_name(path.stem + '.pages.json')}")
     try:
         with Image.open(path) as image:
@@ -110,4 +111,4 @@ def tiff_pages(path: Path, texts: list[str | None] | None) -> Iterator[tuple[int
                 text = clean(texts[i])
                 yield i + 1, text, frame.copy() if text else None      # copy(): the frame's pixels, loaded now
     except (OSError, SyntaxError) as e:             # Pillow's errors for unreadable or truncated files
-        raise BadRecord("bad_document", f"{path}: not a readable TIFF ({e})") from None
+        raise Rejected("bad_document", f"{path}: not a readable TIFF ({e})") from None

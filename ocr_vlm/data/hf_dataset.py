@@ -1,6 +1,6 @@
 """Hugging Face datasets (`Dataset.save_to_disk` directories) and parquet files -> Records, one per row.
 
-    python -m ocr_vlm.data.shards write --hf-dataset DIR|FILE.parquet --image-column image --text-column text \\
+    python -m ocr_vlm.data.shards write --hf_dataset DIR|FILE.parquet --image_column image --text_column text \\
         [--prompt "<image>\\nFree OCR."] --out shards/hf
 
 The image column holds what `datasets.Image` stores (a {bytes, path} struct; a path alone is read relative to the
@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from ocr_vlm.data.shards import BadRecord, Record, Source, converted, derived_key, image_member, read_image
+from ocr_vlm.data.shards import Record, Source, converted, derived_key, image_member, read_image
+from ocr_vlm.rejected import Rejected
 
 BATCH_ROWS = 256                  # rows per Arrow batch: images stay in memory only a batch at a time
 
@@ -29,7 +30,7 @@ def hf_records(path: Path, image_column: str, text_column: str, prompt: str) -> 
         data, ext = row_image(where, values[image_column], path if path.is_dir() else path.parent)
         text = values[text_column]
         if not isinstance(text, str) or not text.strip():
-            raise BadRecord("bad_fields", f"{where}: column '{text_column}' is not a non-empty string")
+            raise Rejected("bad_fields", f"{where}: column '{text_column}' is not a non-empty string")
         return Record(key, {"id": key, "prompt": prompt, "response": text}, data, ext, where)
 
     return converted(((f"{path}[row {n}]", (n, values)) for n, values in rows), make)
@@ -39,7 +40,7 @@ def table_rows(path: Path, columns: list[str]) -> Iterator[dict]:
     """The rows of a saved dataset or parquet file(s) as {column: Python value}, only the named columns."""
     if path.is_dir() and (path / "dataset_dict.json").exists():
         splits = sorted(p.name for p in path.iterdir() if p.is_dir())
-        raise BadRecord("bad_file", f"{path}: a DatasetDict with splits {splits}; give one split's directory "
+        raise Rejected("bad_file", f"{path}: a DatasetDict with splits {splits}; give one split's directory "
                                     f"({path}/SPLIT)")
     if path.is_dir() and (path / "state.json").exists():
         import datasets                         # heavy; loaded only for this input
@@ -50,7 +51,7 @@ def table_rows(path: Path, columns: list[str]) -> Iterator[dict]:
     else:
         files = sorted(path.glob("**/*.parquet")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
-            raise BadRecord("bad_file", f"{path}: neither a saved dataset (state.json) nor parquet file(s)")
+            raise Rejected("bad_file", f"{path}: neither a saved dataset (state.json) nor parquet file(s)")
         batches = parquet_batches(files, columns)
     for batch in batches:
         yield from batch.to_pylist()
@@ -64,7 +65,7 @@ def parquet_batches(files: list[Path], columns: list[str]) -> Iterator:
         try:
             table = pq.ParquetFile(file)
         except (OSError, pa.ArrowException) as e:
-            raise BadRecord("bad_file", f"{file}: not a readable parquet file ({e})") from None
+            raise Rejected("bad_file", f"{file}: not a readable parquet file ({e})") from None
         check_columns(file, table.schema_arrow.names, columns)
         yield from table.iter_batches(batch_size=BATCH_ROWS, columns=columns)
 
@@ -72,14 +73,14 @@ def parquet_batches(files: list[Path], columns: list[str]) -> Iterator:
 def check_columns(path: Path, have: list[str], wanted: list[str]) -> None:
     missing = [c for c in wanted if c not in have]
     if missing:
-        raise BadRecord("bad_file", f"{path}: no column {', '.join(map(repr, missing))}; columns: {have}")
+        raise Rejected("bad_file", f"{path}: no column {', '.join(map(repr, missing))}; columns: {have}")
 
 
 def row_image(where: str, value: object, root: Path) -> tuple[bytes, str]:
     """A row's image cell as shard member bytes (`image_member`)."""
     if isinstance(value, list):
         if len(value) != 1:
-            raise BadRecord("multi_image" if value else "missing_image",
+            raise Rejected("multi_image" if value else "missing_image",
                             f"{where}: {len(value)} images; a sample holds one image")
         value = value[0]
     if isinstance(value, dict):                 # datasets.Image's storage: embedded bytes, else a path
@@ -90,4 +91,4 @@ def row_image(where: str, value: object, root: Path) -> tuple[bytes, str]:
         return image_member(value, f"{where}: image")
     if isinstance(value, str) and value:
         return read_image(where, root / value)
-    raise BadRecord("missing_image", f"{where}: no image (cell holds {type(value).__name__})")
+    raise Rejected("missing_image", f"{where}: no image (cell holds {type(value).__name__})")

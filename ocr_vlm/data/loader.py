@@ -9,111 +9,36 @@ first sample it did *not* take, so `Loader.state_dict()` resumes at exactly the 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ocr_vlm import flops
 from ocr_vlm.config import DataConfig, VLMConfig
-from ocr_vlm.data.shards import with_response
-from ocr_vlm.data.stream import Origin, SampleStream, ShardSet, Skipped
-from ocr_vlm.image import ImageError, Views, load_views, stack_views
+from ocr_vlm.data.sample import Example, decode
+from ocr_vlm.data.stream import Origin, SampleStream, ShardSet
+from ocr_vlm.image import stack_views
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.reading import reading_targets
+from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 STREAMS = ("vision", "text")
 FRESH = {"mixed": 0, "vision": (0, 0), "text": (0, 0)}     # a worker's stream state before its first sample
-
-
-@dataclass
-class Example:
-    inputs: list[int]
-    targets: list[int]
-    views: Views | None               # a vision sample's uint8 global view (and Gundam tiles); normalised on the device
-    reading: list[int]                # the reading head's CTC target (the response's bytes); [] for text samples
-    state: dict                       # stream positions before this sample was drawn
-
-
-class BadSample(ValueError):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-class Decoded(NamedTuple):
-    ids: list[int]
-    mask: list[int]                   # 1 where the next token is supervised
-    views: Views | None               # uint8 global view (+ Gundam tiles and grid); None for a text-only sample
-    prompt: str                       # vision samples: the prompt and the expected response ("" for text samples)
-    response: str
-
-
-def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Decoded:
-    """A raw webdataset sample -> token ids, loss mask, image views and texts. Raises BadSample naming what is wrong."""
-    if "json" not in sample:
-        raise BadSample("missing_json", "no .json member")
-    try:
-        meta = json.loads(sample["json"].decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BadSample("bad_text", "json is not UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise BadSample("bad_json", f"json does not parse ({e})") from None
-    if not isinstance(meta, dict):
-        raise BadSample("bad_json", "json is not an object")
-    meta = with_response(meta)
-    image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if image_key is None and ("prompt" in meta or "response" in meta):
-        raise BadSample("missing_image", "vision sample has no image member")
-    if "messages" in meta:
-        messages = meta["messages"]
-    elif image_key is None:
-        raise BadSample("bad_fields", "text sample needs a 'messages' list")
-    else:
-        for name in ("prompt", "response"):
-            if not isinstance(meta.get(name), str):
-                raise BadSample("bad_fields", f"field '{name}' missing or not a string")
-        messages = [{"role": "user", "content": meta["prompt"]}, {"role": "assistant", "content": meta["response"]}]
-    views = None
-    if image_key is not None:
-        try:
-            views = load_views(sample[image_key], vlm)
-        except ImageError as e:
-            raise BadSample(e.reason, str(e)) from None
-    try:
-        # the placeholder count follows the page's own tile grid
-        ids, mask = tokenizer.render_conversation(messages, vlm.image_tokens_for(views.grid) if views else 0)
-    except ValueError as e:
-        raise BadSample("bad_fields", str(e)) from None
-    if views is None:
-        return Decoded(ids, mask, None, "", "")
-    # A multi-turn page is evaluated (and read by the reading head) by its first exchange.
-    user, assistant = first_exchange(messages)
-    return Decoded(ids, mask, views, user, assistant)
-
-
-def first_exchange(messages: list[dict]) -> tuple[str, str]:
-    """The first user turn (a leading system message merged in, as rendering does) and the first assistant turn."""
-    contents = [m["content"] for m in messages]
-    if messages[0]["role"] == "system":
-        contents = [contents[0] + "\n\n" + contents[1]] + contents[2:]
-    return contents[0], contents[1] if len(contents) > 1 else ""
 
 
 class PackedBatches(IterableDataset):
     """Runs inside each DataLoader worker: one slot's examples packed into (batch_rows, seq_len) batches."""
 
-    def __init__(self, data: DataConfig, vlm: VLMConfig, tokenizer_path: str, rank: int, world: int,
+    def __init__(self, data: DataConfig, vlm: VLMConfig, tokenizer_path: str, batch_rows: int, rank: int, world: int,
                  worker_states: dict[int, dict], worker_offset: int, finite: bool, origins: dict[str, Origin | None]):
-        self.data, self.vlm, self.tokenizer_path = data, vlm, tokenizer_path
+        self.data, self.vlm, self.tokenizer_path, self.batch_rows = data, vlm, tokenizer_path, batch_rows
         self.rank, self.world, self.states, self.offset, self.finite = rank, world, worker_states, worker_offset, finite
         self.origins = origins
 
@@ -125,8 +50,9 @@ class PackedBatches(IterableDataset):
         examples = self._examples(tokenizer, self.rank * workers + logical, self.world * workers, logical)
         yield from self._pack(examples, tokenizer, logical)
 
-    def _examples(self, tokenizer: Tokenizer, slot: int, slots: int, logical: int) -> Iterator[Example | tuple]:
-        """Examples in stream order; unreadable samples come out as (reason, where, count) to be counted."""
+    def _examples(self, tokenizer: Tokenizer, slot: int, slots: int,
+                  logical: int) -> Iterator[tuple[Example | Rejected, dict]]:
+        """(example or rejection to count, stream positions before it), in stream order."""
         d = self.data
         state = self.states.get(logical, FRESH)
         buffer = 0 if self.finite else d.shuffle_buffer
@@ -150,41 +76,39 @@ class PackedBatches(IterableDataset):
                 passes[source].check(f"{source} shards {streams[source].shards.urls}", slot, slots)
                 passes[source] = Pass.at(streams[source], epoch, k)
             positions[source], mixed = (epoch, k + 1), mixed + 1
-            if isinstance(item, Skipped):
+            if isinstance(item, Rejected):
                 passes[source].skipped[item.reason] += item.count
-                yield (item.reason, item.where, item.count)
+                yield item, before
                 continue
             where = f"{item.get('__url__')}:{item.get('__key__')}"
             try:
-                ids, mask, views, _, response = decode(item, tokenizer, self.vlm)
-            except BadSample as e:
+                example = decode(item, tokenizer, self.vlm)
+            except Rejected as e:
                 if where not in warned:                # once per run, not once per pass over the data
                     warned.add(where)
                     log.warning("skipping sample %s: %s", where, e)
                 passes[source].skipped[e.reason] += 1
-                yield (e.reason, where, 1)
+                yield e, before
                 continue
             passes[source].readable += 1
-            if len(ids) - 1 > d.seq_len:
-                yield ("too_long", where, 1)
+            if len(example.inputs) > d.seq_len:
+                yield Rejected("too_long", f"{len(example.inputs)} tokens > data.seq_len={d.seq_len}", where), before
                 continue
-            targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
-            yield Example(ids[:-1], targets, views, reading_targets(response) if views is not None else [], before)
+            yield example, before
 
     def _pack(self, examples, tokenizer: Tokenizer, logical: int) -> Iterator[dict]:
         rows: list[list[Example]] = [[]]
         counters: Counter = Counter()
-        for ex in examples:
-            if not isinstance(ex, Example):
-                reason, _, count = ex
-                counters[f"skipped/{reason}"] += count
+        for ex, state in examples:
+            if isinstance(ex, Rejected):
+                counters[f"skipped/{ex.reason}"] += ex.count
                 continue
             row_full = sum(len(e.inputs) for e in rows[-1]) + len(ex.inputs) > self.data.seq_len
             # Every view of a micro-batch goes through the vision towers at once: the cap bounds their memory.
             images_full = ex.views is not None and self.data.max_images > 0 and \
                 sum(view_count(e) for row in rows for e in row) + view_count(ex) > self.data.max_images
-            if images_full or (row_full and len(rows) == self.data.batch_rows):
-                yield self._collate(rows, counters, tokenizer, ex.state, logical)
+            if images_full or (row_full and len(rows) == self.batch_rows):
+                yield self._collate(rows, counters, tokenizer, state, logical)
                 rows, counters = [[]], Counter()
             elif row_full:
                 rows.append([])
@@ -193,7 +117,7 @@ class PackedBatches(IterableDataset):
             yield self._collate(rows, counters, tokenizer, None, logical)
 
     def _collate(self, rows, counters: Counter, tokenizer: Tokenizer, state, logical: int) -> dict:
-        T, B = self.data.seq_len, self.data.batch_rows
+        T, B = self.data.seq_len, self.batch_rows
         batch = {
             "input_ids": torch.full((B, T), tokenizer.bos_id, dtype=torch.long),
             "targets": torch.full((B, T), IGNORE_INDEX, dtype=torch.long),
@@ -212,7 +136,7 @@ class PackedBatches(IterableDataset):
                 at += n
                 if ex.views is not None:
                     images.append(ex.views)
-                    reading.append(ex.reading)
+                    reading.append(reading_targets(ex.response))     # the reading head's CTC target
                 counters["vision_samples" if ex.views is not None else "text_samples"] += 1
         batch["pixel_values"], batch["tile_values"], batch["tile_grids"] = stack_views(images, self.vlm)
         batch["reading_targets"] = torch.tensor([b for r in reading for b in r], dtype=torch.long)
@@ -264,8 +188,9 @@ class Loader:
     """A rank's batches: an endless stream for training (`finite=False`), or one pass over the data for eval."""
 
     def __init__(self, data: DataConfig, vlm: VLMConfig, tokenizer_path: str, rank: int = 0, world: int = 1,
-                 finite: bool = False):
+                 finite: bool = False, batch_rows: int = 1):
         self.data, self.vlm, self.tokenizer_path = data.validate(), vlm, str(tokenizer_path)
+        self.batch_rows = batch_rows          # the recipe's micro_batch: DeepSpeed's train_micro_batch_size_per_gpu
         self.rank, self.world, self.finite = rank, world, finite
         self.batches = 0
         self.worker_states: dict[int, dict] = {}
@@ -273,7 +198,7 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict]:
         workers = max(1, self.data.num_workers)
-        dataset = PackedBatches(self.data, self.vlm, self.tokenizer_path, self.rank, self.world,
+        dataset = PackedBatches(self.data, self.vlm, self.tokenizer_path, self.batch_rows, self.rank, self.world,
                                 dict(self.worker_states), self.batches % workers, self.finite, self.origins)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, worker_init_fn=_single_thread,
                             prefetch_factor=2 if self.data.num_workers else None, pin_memory=torch.cuda.is_available())

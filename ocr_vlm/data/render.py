@@ -297,7 +297,7 @@ def conversations(n: int, seed: int) -> Iterator[dict]:
 
 
 def corpus_texts(n: int, seed: int) -> Iterator[str]:
-    """Ground-truth texts, prompts and chats without drawing anything: the tiny tokenizer's training corpus."""
+    """Ground-truth texts, prompts and chats without drawing anything: the mini tokenizer's training corpus."""
     rng = random.Random(f"corpus/{seed}")
     yield from PROMPTS.values()
     for _ in range(n):

@@ -1,14 +1,14 @@
 """Write WebDataset shards from manifests; count existing shards. Format: shards/README.md.
 
-    python -m ocr_vlm.data.shards write --manifest pages.jsonl --images-root pages/ \\
-        [--conversations chats.jsonl] --out shards/train [--max-count 10000] [--max-bytes 1e9] [--skip-bad]
-    python -m ocr_vlm.data.shards write --conversations llava.json --images-root images/ --out shards/chat
-    python -m ocr_vlm.data.shards write --hf-dataset ds/ --image-column image --text-column text --out shards/hf
+    python -m ocr_vlm.data.shards write --manifest pages.jsonl --images_root pages/ \\
+        [--conversations chats.jsonl] --out shards/train [--max_count 10000] [--max_bytes 1e9] [--skip_bad]
+    python -m ocr_vlm.data.shards write --conversations llava.json --images_root images/ --out shards/chat
+    python -m ocr_vlm.data.shards write --hf_dataset ds/ --image_column image --text_column text --out shards/hf
     python -m ocr_vlm.data.shards write --documents papers/ scans.tif [--dpi 144] --out shards/docs
     python -m ocr_vlm.data.shards index shards/foreign     # write index.json for shards made elsewhere
 
 Every record is validated as it is read: a bad one stops the run with an error naming the file and line, or with
---skip-bad it is left out and counted by reason (in index.json too). The same input gives byte-identical shards.
+--skip_bad it is left out and counted by reason (in index.json too). The same input gives byte-identical shards.
 A directory holds one shard set, described by its index.json.
 """
 
@@ -33,23 +33,18 @@ import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from ocr_vlm.image import to_rgb
+from ocr_vlm.data.sample import with_response
+from ocr_vlm.image import STORED_FORMATS, to_rgb
+from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import IMAGE_PLACEHOLDER
 
-STORED_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}     # what the loader decodes, stored as supplied
 DEFAULT_PROMPT = f"{IMAGE_PLACEHOLDER}\nFree OCR."                   # DeepSeek-OCR's plain-text prompt
 # webdataset splits member names at the first dot; ustar tars hold member names of at most 100 bytes
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,90}")
 KEY_RULE = "1-90 letters, digits, '_' or '-'"
 TAR_BLOCK, TAR_RECORD = 512, 10240             # a member is a header block plus padded data; files pad to records
-# Left out and counted even without --skip-bad: a document's blank or scanned pages are expected, not errors.
+# Left out and counted even without --skip_bad: a document's blank or scanned pages are expected, not errors.
 ALWAYS_SKIPPED = frozenset({"empty_page"})
-
-
-class BadRecord(ValueError):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -67,7 +62,7 @@ class Record:
         return sample
 
 
-Source = Iterator["Record | BadRecord"]      # an input's records, or in a bad record's place why it is left out
+Source = Iterator["Record | Rejected"]      # an input's records, or in a bad record's place why it is left out
 
 
 def derived_key(name: str, number: int) -> str:
@@ -91,14 +86,14 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise BadRecord("bad_file", f"{path}: cannot read ({e})") from None
+        raise Rejected("bad_file", f"{path}: cannot read ({e})") from None
     if path.suffix == ".json":
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise BadRecord("bad_file", f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            raise Rejected("bad_file", f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(items, list):
-            raise BadRecord("bad_json", f"{path}: expected a JSON list of records")
+            raise Rejected("bad_json", f"{path}: expected a JSON list of records")
         yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
         return
     for number, line in enumerate(text.splitlines(), start=1):
@@ -106,29 +101,20 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
             try:
                 yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError as e:
-                yield f"{path}:{number}", BadRecord("bad_json", f"{path}:{number}: not valid JSON ({e.msg})")
-
-
-def with_response(fields: dict) -> dict:
-    """The fields with `answer` (the prototype's and many manifests' name) renamed to `response`: one schema,
-    accepted the same by the writer and the loader."""
-    if "response" not in fields and "answer" in fields:
-        fields = dict(fields)
-        fields["response"] = fields.pop("answer")
-    return fields
+                yield f"{path}:{number}", Rejected("bad_json", f"{path}:{number}: not valid JSON ({e.msg})")
 
 
 def vision_record(where: str, item: object, images_root: Path) -> Record:
     """A manifest line {id, image, prompt, answer|response, ...free metadata} -> Record (image bytes copied as is)."""
     if not isinstance(item, dict):
-        raise BadRecord("bad_json", f"{where}: expected a JSON object")
+        raise Rejected("bad_json", f"{where}: expected a JSON object")
     fields = dict(with_response(item))
     for name in ("image", "prompt", "response"):
         if not isinstance(fields.get(name), str) or not fields[name]:
-            raise BadRecord("bad_fields", f"{where}: field '{name}' missing or not a non-empty string")
+            raise Rejected("bad_fields", f"{where}: field '{name}' missing or not a non-empty string")
     key = record_key(where, fields)
     if fields["prompt"].count(IMAGE_PLACEHOLDER) > 1:
-        raise BadRecord("bad_fields", f"{where}: field 'prompt' holds {IMAGE_PLACEHOLDER} more than once; "
+        raise Rejected("bad_fields", f"{where}: field 'prompt' holds {IMAGE_PLACEHOLDER} more than once; "
                                       "a sample has one image")
     data, ext = read_image(where, images_root / fields.pop("image"))
     return Record(key, fields, data, ext, where)
@@ -139,9 +125,9 @@ def read_image(where: str, path: Path) -> tuple[bytes, str]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise BadRecord("missing_image", f"{where}: image {path} does not exist") from None
+        raise Rejected("missing_image", f"{where}: image {path} does not exist") from None
     except OSError as e:
-        raise BadRecord("bad_image", f"{where}: image {path} is unreadable ({e})") from None
+        raise Rejected("bad_image", f"{where}: image {path} is unreadable ({e})") from None
     return image_member(data, f"{where}: image {path}")
 
 
@@ -157,8 +143,8 @@ def image_member(data: bytes, what: str) -> tuple[bytes, str]:
             if frames == 1:
                 return png_bytes(image), "png"
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise BadRecord("bad_image", f"{what} is unreadable ({e})") from None
-    raise BadRecord("multi_image", f"{what} has {frames} frames; a sample holds one image")
+        raise Rejected("bad_image", f"{what} is unreadable ({e})") from None
+    raise Rejected("multi_image", f"{what} has {frames} frames; a sample holds one image")
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -174,13 +160,13 @@ def png_bytes(image: Image.Image) -> bytes:
 def text_record(where: str, item: object) -> Record:
     """A conversation line {id, messages: [{role, content}, ...]} -> Record (KEY.json only)."""
     if not isinstance(item, dict):
-        raise BadRecord("bad_json", f"{where}: expected a JSON object")
+        raise Rejected("bad_json", f"{where}: expected a JSON object")
     key = record_key(where, item)
     if "prompt" in item or "response" in item:     # the loader reads those as a vision sample missing its image
-        raise BadRecord("bad_fields", f"{where}: a conversation carries 'messages', not 'prompt'/'response'")
+        raise Rejected("bad_fields", f"{where}: a conversation carries 'messages', not 'prompt'/'response'")
     check_turns(where, item.get("messages"))
     if any(IMAGE_PLACEHOLDER in m["content"] for m in item["messages"]):
-        raise BadRecord("bad_fields", f"{where}: a message holds {IMAGE_PLACEHOLDER} but the record names no image "
+        raise Rejected("bad_fields", f"{where}: a message holds {IMAGE_PLACEHOLDER} but the record names no image "
                                       "('image' or 'images'); without one it would train as literal text")
     return Record(key, dict(item), where=where)
 
@@ -190,7 +176,7 @@ def record_key(where: str, item: dict) -> str:
     key = item.get("id")
     key = str(key) if isinstance(key, int) and not isinstance(key, bool) else key
     if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
-        raise BadRecord("bad_fields", f"{where}: field 'id' {key!r} must be {KEY_RULE} (it names the tar members)")
+        raise Rejected("bad_fields", f"{where}: field 'id' {key!r} must be {KEY_RULE} (it names the tar members)")
     return key
 
 
@@ -198,23 +184,23 @@ def check_turns(where: str, messages: object) -> None:
     """nanochat's conversation shape: string contents, roles user, assistant, ... after an optional system message,
     with at least one assistant turn to learn from."""
     if not isinstance(messages, list) or not messages:
-        raise BadRecord("bad_fields", f"{where}: field 'messages' missing or empty")
+        raise Rejected("bad_fields", f"{where}: field 'messages' missing or empty")
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
     if roles[0] == "system":
         roles = roles[1:]
     if any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)) or "assistant" not in roles:
-        raise BadRecord("bad_fields", f"{where}: roles {roles} must alternate user, assistant, ... "
+        raise Rejected("bad_fields", f"{where}: roles {roles} must alternate user, assistant, ... "
                                       "(after an optional system message) and include an assistant turn")
     if any(not isinstance(m.get("content"), str) for m in messages):
-        raise BadRecord("bad_fields", f"{where}: every message needs a string 'content'")
+        raise Rejected("bad_fields", f"{where}: every message needs a string 'content'")
 
 
 def converted(items: Iterable[tuple[str, object]], make: Callable[[str, object], Record]) -> Source:
-    """Each (where, parsed item) of an input made into a Record, or the BadRecord saying why it cannot be."""
+    """Each (where, parsed item) of an input made into a Record, or the Rejected saying why it cannot be."""
     for where, item in items:
         try:
-            yield item if isinstance(item, BadRecord) else make(where, item)
-        except BadRecord as e:
+            yield item if isinstance(item, Rejected) else make(where, item)
+        except Rejected as e:
             yield e
 
 
@@ -223,13 +209,13 @@ def records(sources: Iterable[Source], skip_bad: bool, skipped: Counter) -> Iter
     seen: set[str] = set()
     for item in itertools.chain.from_iterable(sources):
         try:
-            if isinstance(item, BadRecord):
+            if isinstance(item, Rejected):
                 raise item
             if item.key in seen:
-                raise BadRecord("duplicate_id", f"{item.where}: id {item.key!r} appears twice")
+                raise Rejected("duplicate_id", f"{item.where}: id {item.key!r} appears twice")
             seen.add(item.key)
             yield item
-        except BadRecord as e:
+        except Rejected as e:
             if not (skip_bad or e.reason in ALWAYS_SKIPPED):
                 raise
             skipped[e.reason] += 1
@@ -324,22 +310,22 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     write = sub.add_parser("write", help="manifest / conversations / dataset / documents -> shards + index.json")
     write.add_argument("--manifest", type=Path, help="JSONL (or JSON list) of {id, image, prompt, answer|response}")
-    write.add_argument("--images-root", type=Path,
+    write.add_argument("--images_root", type=Path,
                        help="directory the manifest's and conversations' image paths are relative to")
     write.add_argument("--conversations", type=Path,
                        help="JSONL (or JSON list) of {id, messages: [{role, content}, ...]} or LLaVA/ShareGPT "
                             "{id, conversations: [{from, value}, ...]}, each with an optional 'image'/'images'")
-    write.add_argument("--hf-dataset", type=Path, help="a datasets.save_to_disk directory, or parquet file(s)")
-    write.add_argument("--image-column", default="image", help="--hf-dataset's image column")
-    write.add_argument("--text-column", default="text", help="--hf-dataset's response column")
+    write.add_argument("--hf_dataset", type=Path, help="a datasets.save_to_disk directory, or parquet file(s)")
+    write.add_argument("--image_column", default="image", help="--hf_dataset's image column")
+    write.add_argument("--text_column", default="text", help="--hf_dataset's response column")
     write.add_argument("--documents", type=Path, nargs="+", help="PDFs, multi-page TIFFs or directories of them")
     write.add_argument("--dpi", type=float, default=144, help="--documents' PDF rendering resolution")
-    write.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt of --hf-dataset and --documents samples")
+    write.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt of --hf_dataset and --documents samples")
     write.add_argument("--out", type=Path, required=True)
     write.add_argument("--prefix", default="shard")
-    write.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
-    write.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard file at most")
-    write.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    write.add_argument("--max_count", type=int, default=10_000, help="samples per shard at most")
+    write.add_argument("--max_bytes", type=float, default=1e9, help="bytes per shard file at most")
+    write.add_argument("--skip_bad", action="store_true", help="skip and count bad records instead of stopping")
     index = sub.add_parser("index", help="write index.json for existing shards")
     index.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
@@ -348,13 +334,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     sources = input_sources(args)
     if not sources:
-        parser.error("give --manifest, --conversations, --hf-dataset and/or --documents")
+        parser.error("give --manifest, --conversations, --hf_dataset and/or --documents")
     skipped = Counter()
     try:
         result = write_shards(records(sources, args.skip_bad, skipped), args.out, args.prefix, args.max_count,
                               args.max_bytes, skipped)
-    except BadRecord as e:
-        hint = "" if e.reason == "bad_file" else "\n(use --skip-bad to skip and count bad records)"
+    except Rejected as e:
+        hint = "" if e.reason == "bad_file" else "\n(use --skip_bad to skip and count bad records)"
         raise SystemExit(f"error: {e}{hint}") from None
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

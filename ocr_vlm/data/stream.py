@@ -28,16 +28,9 @@ from typing import Iterator
 import webdataset as wds
 from braceexpand import braceexpand
 
+from ocr_vlm.rejected import Rejected
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A stream item standing for samples that could not be read, kept in order so positions stay exact."""
-    reason: str
-    where: str
-    count: int = 1
-    first: int = 0             # index in the tar `where` of the first of the `count` samples
 
 
 @dataclass
@@ -196,9 +189,9 @@ def fresh(origin: Origin | None, epoch: int) -> bool:
     return origin is None or epoch >= origin.fresh_epoch
 
 
-def _members(item: "dict | Skipped") -> list[tuple[str, int]]:
+def _members(item: dict | Rejected) -> list[tuple[str, int]]:
     """The (shard, index) of the samples a stream item stands for."""
-    if isinstance(item, Skipped):
+    if isinstance(item, Rejected):
         return [(item.where, i) for i in range(item.first, item.first + item.count)]
     return [(item["__url__"], item["__index__"])]
 
@@ -227,7 +220,7 @@ class SampleStream:
     def fresh(self, epoch: int) -> bool:
         return fresh(self.origin, epoch)
 
-    def __iter__(self) -> Iterator[tuple[dict | Skipped, tuple[int, int]]]:
+    def __iter__(self) -> Iterator[tuple[dict | Rejected, tuple[int, int]]]:
         epoch, consumed = self.position
         while True:
             items = self._epoch_items(epoch)
@@ -236,16 +229,17 @@ class SampleStream:
                     yield item, (epoch, k)
             epoch, consumed = epoch + 1, 0
 
-    def _epoch_items(self, epoch: int) -> Iterator[dict | Skipped]:
+    def _epoch_items(self, epoch: int) -> Iterator[dict | Rejected]:
         rng = random.Random(f"samples/{self.seed}/{epoch}/{self.slot}")
         pieces = epoch_pieces(self.shards, self.slot, self.slots, epoch, self.seed, self.buffer, self.origin)
-        raw = (item for url, start, stop in pieces for item in _read_range(url, start, stop))
+        raw = (item for url, start, stop in pieces for item in read_range(url, start, stop))
         # Shuffle raw bytes, not decoded images: the buffer stays small, and resume replays it without decoding.
         return wds.shuffle(self.buffer, initial=self.buffer, rng=rng)(raw) if self.buffer > 1 else raw
 
 
-def _read_range(url: str, start: int, stop: int) -> Iterator[dict | Skipped]:
-    """Samples [start, stop) of one tar; samples a damaged tar cannot deliver come out as one Skipped item."""
+def read_range(url: str, start: int, stop: int) -> Iterator[dict | Rejected]:
+    """Samples [start, stop) of one tar; samples a damaged tar cannot deliver come out as one Rejected item, kept in
+    order so stream positions stay exact."""
     errors: list[Exception] = []
 
     def keep_going(exn: Exception) -> bool:
@@ -263,6 +257,6 @@ def _read_range(url: str, start: int, stop: int) -> Iterator[dict | Skipped]:
             yield sample
     samples.close()
     if delivered < stop - start:
-        log.warning("shard %s: %d of its samples unreadable (%s)", url, stop - start - delivered,
-                    errors[0] if errors else "tar ends early")
-        yield Skipped("truncated_tar", url, stop - start - delivered, first=start + delivered)
+        why = errors[0] if errors else "tar ends early"
+        log.warning("shard %s: %d of its samples unreadable (%s)", url, stop - start - delivered, why)
+        yield Rejected("truncated_tar", f"{url}: {why}", url, stop - start - delivered, first=start + delivered)

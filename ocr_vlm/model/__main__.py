@@ -1,17 +1,13 @@
-"""`python -m ocr_vlm.model --preset d20 --summary`: per-component parameter table, built on the meta device."""
+"""`python -m ocr_vlm.model --preset=d20 --summary [--key=value ...]`: per-component parameter table, built on the meta
+device."""
 
 from __future__ import annotations
 
 import argparse
 
-from ocr_vlm import config
-from ocr_vlm.model.vlm import COMPONENTS, build_model
-
-
-def summary_rows(cfg: config.VLMConfig) -> list[tuple[str, int]]:
-    model = build_model(cfg, device="meta")
-    rows = [(name, sum(p.numel() for p in model.component_parameters(name))) for name in COMPONENTS]
-    return rows + [("total", sum(n for _, n in rows))]
+from ocr_vlm import cli, config
+from ocr_vlm.config import ConfigError
+from ocr_vlm.model.vlm import build_model, parameter_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,12 +15,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="d20", choices=sorted(config.PRESETS))
     parser.add_argument("--summary", action="store_true", help="print the parameter table")
     args, overrides = parser.parse_known_args(argv)
-    cfg = config.strict_overrides(config.preset(args.preset), overrides)
+    try:
+        cfg = cli.with_args(config.preset(args.preset), overrides)
+    except ConfigError as e:
+        parser.error(str(e))
     if not args.summary:
         parser.error("nothing to do: pass --summary")
-    print(f"{'component':<12}{'parameters':>16}")
-    for name, count in summary_rows(cfg):
-        print(f"{name:<12}{count:>16,}  ({count / 1e6:,.2f}M)")
+    print(parameter_table(build_model(cfg, device="meta")))
     print(f"image: {cfg.image_size}px -> {cfg.vision_grid}x{cfg.vision_grid} tokens -> {cfg.image_tokens} embeddings")
 
 

@@ -1,6 +1,6 @@
 """nano-DeepSeek-OCR: DeepEncoder (SAM -> compressor -> CLIP) + projector + nanochat GPT.
 
-    pixels (N,3,S,S) ─ sam_model ─▶ (N,C,g,g) ─ vision_model ─▶ (N,1+g²,W)
+    uint8 pixels (N,3,S,S) ─ normalize ─ sam_model ─▶ (N,C,g,g) ─ vision_model ─▶ (N,1+g²,W)
     cat(CLIP[:,1:], SAM tokens) ─ projector ─▶ (N,g²,D) ─ layout ─▶ N × (g·(g+1)+1, D)
     Gundam: the tiles (M,3,t,t) take the same towers ─▶ (M,t²,D); layout puts each image's tiles, stitched, first
     token embeddings with the <|image|> positions replaced, in order ─ gpt ─▶ loss or logits
@@ -14,19 +14,18 @@ import math
 import torch
 from torch import nn
 
-from ocr_vlm.config import VLMConfig
+from ocr_vlm.config import COMPONENTS, TOWERS, VLMConfig
 from ocr_vlm.model.clip import ClipEncoder
 from ocr_vlm.model.gpt import GPT, chunked_cross_entropy
 from ocr_vlm.model.reading import ReadingHead
 from ocr_vlm.model.sam import SamEncoder
 
-# Top-level modules of each component, as the summary table, freezing and checkpointing name them.
-COMPONENTS = {
-    "sam": ("sam_model",),
-    "clip": ("vision_model",),
-    "projector": ("projector", "image_newline", "view_separator", "reading_head"),
-    "gpt": ("gpt",),
-}
+MEAN = STD = 0.5     # DeepSeek-OCR's ToTensor + Normalize; image.PAD_COLOR is this mean in uint8
+
+
+def normalize(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 pixels -> [-1, 1] in `dtype`, on their device. The model calls it: batches carry uint8, 4x smaller."""
+    return (pixels.to(dtype) / 255.0 - MEAN) / STD
 
 
 class Projector(nn.Module):
@@ -55,7 +54,10 @@ class VLM(nn.Module):
         self.reading_head = ReadingHead(width, cfg.vision_grid, cfg.reading_head) if cfg.reading_head else None
 
     def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N,3,S,S) -> (N, g², D): the projected token grid, row-major, before the layout adds newlines."""
+        """(N,3,S,S) uint8 pixels (or already normalised floats) -> (N, g², D): the projected token grid, row-major,
+        before the layout adds newlines."""
+        dtype = self.projector.layers.weight.dtype
+        pixels = normalize(pixels, dtype) if pixels.dtype == torch.uint8 else pixels.to(dtype)
         sam = self.sam_model(pixels)
         clip = self.vision_model(sam)
         fused = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)   # CLIP first: projector weights depend on it
@@ -153,6 +155,12 @@ class VLM(nn.Module):
             return loss, self.reading_head.loss(vision, *reading)
         return loss, (0.0 * self.reading_head(vision).sum() if self.training else loss * 0.0)
 
+    def freeze(self, components: tuple[str, ...]) -> None:
+        """requires_grad=False on the named components; an optimizer then only ever sees the trainable rest."""
+        for name in components:
+            for p in self.component_parameters(name):
+                p.requires_grad_(False)
+
     def component_parameters(self, component: str) -> list[nn.Parameter]:
         params = []
         for name in COMPONENTS[component]:
@@ -161,11 +169,25 @@ class VLM(nn.Module):
                 params += [part] if isinstance(part, nn.Parameter) else list(part.parameters())
         return params
 
-    def set_activation_checkpointing(self, sam: bool, clip: bool, gpt: bool) -> None:
-        """Recompute each block's activations in backward instead of storing them, per tower."""
-        self.sam_model.gradient_checkpointing = sam
-        self.vision_model.gradient_checkpointing = clip
-        self.gpt.gradient_checkpointing = gpt
+    def set_activation_checkpointing(self, towers: tuple[str, ...]) -> None:
+        """Recompute each block's activations in backward instead of storing them, in the named towers only."""
+        for name in TOWERS:
+            (module,) = COMPONENTS[name]
+            getattr(self, module).gradient_checkpointing = name in towers
+
+
+def parameter_counts(model: VLM) -> dict[str, tuple[int, int]]:
+    """Per component: (parameters, trainable parameters)."""
+    return {name: (sum(p.numel() for p in model.component_parameters(name)),
+                   sum(p.numel() for p in model.component_parameters(name) if p.requires_grad)) for name in COMPONENTS}
+
+
+def parameter_table(model: VLM) -> str:
+    """`parameter_counts` as the table the trainer and `python -m ocr_vlm.model --summary` print, with the total."""
+    counts = parameter_counts(model)
+    rows = [*counts.items(), ("total", tuple(map(sum, zip(*counts.values()))))]
+    return "\n".join([f"{'component':<12}{'parameters':>16}{'trainable':>16}"] +
+                     [f"{name:<12}{n:>16,}{t:>16,}  ({n / 1e6:,.2f}M)" for name, (n, t) in rows])
 
 
 def blank(side: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

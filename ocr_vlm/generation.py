@@ -15,7 +15,7 @@ from ocr_vlm.model.vlm import VLM
 from ocr_vlm.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, Tokenizer
 
 
-class Engine:
+class Generator:
     def __init__(self, model: VLM, tokenizer: Tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
         never = [tokenizer.specials[t] for t in (*SPECIAL_TOKENS, IMAGE_TOKEN) if t != "<|assistant_end|>"]
@@ -25,13 +25,12 @@ class Engine:
     def generate(self, prompts: list[str], pixels: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int | None = None, seed: int = 0, use_cache: bool = True, tiles: torch.Tensor | None = None,
                  grids: torch.Tensor | None = None) -> list[str]:
-        """One response per prompt; `pixels` holds the prompts' images in order, normalised (N, 3, S, S); in Gundam
-        mode `tiles` (M, 3, t, t) all their tiles in order, normalised, and `grids` (N, 2) each image's tile grid.
+        """One response per prompt; `pixels` holds the prompts' images in order (N, 3, S, S), uint8 as `stack_views`
+        gives them; in Gundam mode `tiles` (M, 3, t, t) all their tiles in order and `grids` (N, 2) each image's grid.
 
         `use_cache=False` recomputes the whole sequence at every step (the reference the cache is tested against).
         """
         model, gpt, device = self.model, self.model.gpt, self.model.gpt.lm_head.weight.device
-        dtype = gpt.lm_head.weight.dtype
         tiled = tiles is not None and len(tiles) > 0
         counts = [model.cfg.image_tokens_for(tuple(g)) for g in grids.tolist()] if tiled else \
             [model.cfg.image_tokens] * len(prompts)
@@ -41,8 +40,8 @@ class Engine:
         valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
         positions = (valid.cumsum(1) - 1).clamp(min=0)
         padded = bool((~valid).any())          # without padding, decoding needs no mask at all (the fast path)
-        x = model.embed(ids, model.vision_tokens(pixels.to(device, dtype)),
-                        model.vision_tokens(tiles.to(device, dtype)) if tiled else None, grids if tiled else None)
+        x = model.embed(ids, model.vision_tokens(pixels.to(device)),
+                        model.vision_tokens(tiles.to(device)) if tiled else None, grids if tiled else None)
         cache = KVCache(gpt.cfg, len(rows), width + max_new_tokens, device, x.dtype) if use_cache else None
         h = gpt.hidden(x, positions, key_valid=valid, cache=cache)
         generator = torch.Generator(device=device).manual_seed(seed)

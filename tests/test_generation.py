@@ -3,22 +3,22 @@
 import torch
 
 from ocr_vlm import config
-from ocr_vlm.engine import Engine
+from ocr_vlm.generation import Generator
 from ocr_vlm.model.vlm import build_model
-from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
+from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 
-CFG = config.tiny()
-TOK = Tokenizer.load(TINY_TOKENIZER)
+CFG = config.mini()
+TOK = Tokenizer.load(MINI_TOKENIZER)
 PROMPTS = ["<image>\nFree OCR.", "<image>\nRead the text in the image.", "<image>\nParse the figure, then list it."]
 
 
-def engine(seed=0) -> Engine:
+def engine(seed=0) -> Generator:
     torch.manual_seed(seed)
     model = build_model(CFG)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)            # random but confident: greedy paths that differ per image
-    return Engine(model, TOK)
+    return Generator(model, TOK)
 
 
 def images(n=3):

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from ocr_vlm import config
-from ocr_vlm.evaluate import cer, evaluate, ned, word_recall, write_report
+from ocr_vlm.report import cer, evaluate, ned, word_recall, write_report
 from ocr_vlm.model.vlm import build_model
-from ocr_vlm.tokenizer import TINY_TOKENIZER, Tokenizer
+from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 
 TIER1 = str(Path(__file__).resolve().parents[1] / "shards" / "tier1")
 
@@ -33,8 +33,8 @@ class Rows(HTMLParser):
 
 def test_report_files_hold_the_computed_numbers(tmp_path):
     torch.manual_seed(0)
-    model = build_model(config.tiny())
-    result = evaluate(model, Tokenizer.load(TINY_TOKENIZER), TIER1, max_new_tokens=8)
+    model = build_model(config.mini())
+    result = evaluate(model, Tokenizer.load(MINI_TOKENIZER), TIER1, max_new_tokens=8)
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(1, 6))
                        + json.dumps({"step": 5, "val_loss": 1.0, "image_gap": 0.5, "val_cer": 0.4, "samples_seen": 50,

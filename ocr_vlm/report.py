@@ -1,7 +1,7 @@
-"""Evaluate an exported model on shards: loss, greedy output and OCR metrics per sample, a vision-collapse check,
-and a report people can look at (report.json, a self-contained report.html, loss.png from the run's metrics).
+"""Report on an exported model over shards: loss, greedy output and OCR metrics per page, a vision-collapse check,
+and files people can look at (report.json, a self-contained report.html, loss.png from the run's metrics).
 
-    python -m ocr_vlm.evaluate --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval [--mode=gundam]
+    python -m ocr_vlm.report --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval [--mode=gundam]
 """
 
 from __future__ import annotations
@@ -15,17 +15,14 @@ import json
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
-from ocr_vlm.data.loader import IMAGE_EXTENSIONS, BadSample, decode
-from ocr_vlm.data.stream import ShardSet
+from ocr_vlm.data.sample import Example, read_examples
 from ocr_vlm.diagnostics import VisionShare, verdict
-from ocr_vlm.engine import Engine
-from ocr_vlm.image import add_mode_arguments, apply_mode, load_image, normalize, stack_views
-from ocr_vlm.model.gpt import IGNORE_INDEX
+from ocr_vlm.generation import Generator
+from ocr_vlm.image import add_mode_arguments, apply_mode, load_image, stack_views
 from ocr_vlm.tokenizer import Tokenizer
-from ocr_vlm.weights import load_exported
+from ocr_vlm.weights import load_export
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -50,77 +47,56 @@ def ned(prediction: str, reference: str) -> float:
 
 
 def word_recall(prediction: str, reference: str) -> float:
-    """The prototype's overlap: share of the reference's distinct words that the prediction contains."""
+    """Share of the reference's distinct words that the prediction contains (case-folded)."""
     words = set(reference.lower().split())
     return len(words & set(prediction.lower().split())) / max(1, len(words))
 
 
-def load_samples(shards: str, tokenizer: Tokenizer, cfg, limit: int | None = None) -> tuple[list[dict], dict]:
-    """The vision samples of `shards` in order (at most `limit`), each with its prompt, expected text, token ids,
-    loss mask, image views and image bytes; and the count of unreadable samples by reason."""
-    samples, skipped = [], {}
-    # Every rank reads every sample here (a trainer splits the list itself), so no node splitting.
-    for raw in wds.WebDataset(ShardSet.from_spec(shards).urls, shardshuffle=False, empty_check=False, nodesplitter=None):
-        if limit is not None and len(samples) >= limit:
-            break
-        try:
-            sample = decode(raw, tokenizer, cfg)
-        except BadSample as e:
-            skipped[e.reason] = skipped.get(e.reason, 0) + 1
-            continue
-        if sample.views is None:
-            continue                                   # text-only samples have nothing to read
-        image = next(raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw)
-        samples.append({"key": raw["__key__"], "prompt": sample.prompt, "expected": sample.response,
-                        "ids": sample.ids, "mask": sample.mask, "views": sample.views, "image": image})
-    return samples, skipped
-
-
-def read_back(model, tokenizer: Tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int = 8,
+def read_back(model, tokenizer: Tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 8,
               progress: bool = False) -> list[str]:
-    """Greedy generation for each sample's image and prompt."""
-    engine, outputs = Engine(model, tokenizer), []
-    for start in tqdm(range(0, len(samples), batch_size), desc="reading", unit="batch", disable=not progress or None):
-        chunk = samples[start:start + batch_size]
-        pixels, tiles, grids = stack_views([s["views"] for s in chunk], model.cfg)
-        outputs += engine.generate([s["prompt"] for s in chunk], normalize(pixels), max_new_tokens=max_new_tokens,
-                                   tiles=normalize(tiles), grids=grids)
+    """Greedy generation for each example's image and prompt."""
+    generator, outputs = Generator(model, tokenizer), []
+    for start in tqdm(range(0, len(examples), batch_size), desc="reading", unit="batch", disable=not progress or None):
+        chunk = examples[start:start + batch_size]
+        pixels, tiles, grids = stack_views([e.views for e in chunk], model.cfg)
+        outputs += generator.generate([e.prompt for e in chunk], pixels, max_new_tokens=max_new_tokens, tiles=tiles,
+                                      grids=grids)
     return outputs
 
 
-def sample_loss(model, sample: dict, pixels: torch.Tensor) -> float:
-    """Mean cross-entropy of the sample's response given `pixels` (1, 3, S, S) as its global view (Gundam tiles: the
-    sample's own, their count is fixed by its placeholders)."""
-    ids = torch.tensor([sample["ids"][:-1]])
-    targets = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(sample["ids"][1:], sample["mask"][1:])]])
-    _, tiles, grids = stack_views([sample["views"]], model.cfg)
-    return model(ids, targets=targets, pixel_values=pixels, tile_values=normalize(tiles), tile_grids=grids).item()
+def example_loss(model, example: Example, pixels: torch.Tensor) -> float:
+    """Mean cross-entropy of the example's response given `pixels` (1, 3, S, S) as its global view (Gundam tiles: the
+    example's own, their count is fixed by its placeholders)."""
+    _, tiles, grids = stack_views([example.views], model.cfg)
+    return model(torch.tensor([example.inputs]), targets=torch.tensor([example.targets]), pixel_values=pixels,
+                 tile_values=tiles, tile_grids=grids).item()
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512, batch_size: int = 8,
              limit: int | None = None) -> dict:
+    """Every page of `shards` read back and scored: {"summary": means and the reading check, "samples": per page}."""
     model.eval()
-    samples, skipped = load_samples(shards, tokenizer, model.cfg, limit)
-    outputs = read_back(model, tokenizer, samples, max_new_tokens, batch_size, progress=True)
+    examples, rejected = read_examples(shards, tokenizer, model.cfg, limit)
+    outputs = read_back(model, tokenizer, examples, max_new_tokens, batch_size, progress=True)
     share = VisionShare(model.cfg.vision_grid ** 2, model.cfg.gpt.n_embd)
-    for start in range(0, len(samples), batch_size):
-        share.add(model.vision_tokens(normalize(torch.stack([s["views"].global_view
-                                                             for s in samples[start:start + batch_size]]))))
-    for i, (s, out) in enumerate(zip(samples, outputs)):
-        other = samples[(i + 1) % len(samples)]["views"].global_view   # the next page's image: same text, wrong page
-        s.update(generated=out, loss=sample_loss(model, s, normalize(s["views"].global_view[None])),
-                 loss_other_image=sample_loss(model, s, normalize(other[None])) if len(samples) > 1 else float("nan"),
-                 exact=out == s["expected"], cer=cer(out, s["expected"]), ned=ned(out, s["expected"]),
-                 word_recall=word_recall(out, s["expected"]))
-    rows = [{k: v for k, v in s.items() if k not in ("ids", "mask", "views")} for s in samples]
+    for start in range(0, len(examples), batch_size):
+        share.add(model.vision_tokens(torch.stack([e.views.global_view for e in examples[start:start + batch_size]])))
+    rows = []
+    for i, (e, out) in enumerate(zip(examples, outputs)):
+        other = examples[(i + 1) % len(examples)].views.global_view   # the next page's image: same text, wrong page
+        rows.append({"key": e.key, "prompt": e.prompt, "expected": e.response, "image": e.image, "generated": out,
+                     "loss": example_loss(model, e, e.views.global_view[None]),
+                     "loss_other_image": example_loss(model, e, other[None]) if len(examples) > 1 else float("nan"),
+                     "exact": out == e.response, "cer": cer(out, e.response), "ned": ned(out, e.response),
+                     "word_recall": word_recall(out, e.response)})
     n = max(1, len(rows))
     mean = {key: sum(r[key] for r in rows) / n for key in ("loss", "loss_other_image", "cer", "ned", "word_recall")}
     summary = {"samples": len(rows), "exact_match": sum(r["exact"] for r in rows),
                "mean_loss": mean["loss"], "mean_cer": mean["cer"], "mean_ned": mean["ned"],
                "mean_word_recall": mean["word_recall"], "distinct_outputs": len({r["generated"] for r in rows}),
                "image_gap": mean["loss_other_image"] - mean["loss"], "vision_share": share.share(),
-               "skipped": skipped}
+               "skipped": dict(rejected)}
     return {"summary": summary, "samples": rows}
 
 
@@ -220,10 +196,10 @@ def write_report(result: dict, out_dir: str | Path, metrics_jsonl: str | Path | 
         f"<td>{'✓' if r['exact'] else '✗'}<br>loss {r['loss']:.4f}<br>CER {r['cer']:.3f}<br>NED {r['ned']:.3f}"
         f"<br>recall {r['word_recall']:.2f}</td></tr>" for r in result["samples"])
     s = result["summary"]
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ocr_vlm evaluation</title><style>
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ocr_vlm report</title><style>
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:6px;
 vertical-align:top}} pre{{margin:0;white-space:pre-wrap}} ins{{background:#c8f7c5;text-decoration:none}}
-del{{background:#f7c5c5}}</style></head><body><h1>ocr_vlm evaluation</h1>
+del{{background:#f7c5c5}}</style></head><body><h1>ocr_vlm report</h1>
 <p>exact match <b>{s['exact_match']}/{s['samples']}</b> · distinct outputs {s['distinct_outputs']} · mean loss
 {s['mean_loss']:.4f} · mean CER {s['mean_cer']:.3f} · mean NED {s['mean_ned']:.3f} · word recall
 {s['mean_word_recall']:.2f} · image-dependent share of vision tokens {s['vision_share']:.4f}</p>
@@ -238,16 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="an export directory (model.safetensors + config.json)")
     parser.add_argument("--shards", required=True)
-    parser.add_argument("--tokenizer", help="default: tokenizer.json in the export directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--metrics", help="the run's metrics.jsonl for the loss curve (default: beside the export)")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max_new_tokens", type=int, default=512)
     add_mode_arguments(parser, default=None)
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
-    model, _ = load_exported(checkpoint)
-    apply_mode(model.cfg, args, parser)
-    tokenizer = Tokenizer.load(args.tokenizer or checkpoint / "tokenizer.json")
+    model, tokenizer = load_export(checkpoint)
+    model.cfg = apply_mode(model.cfg, args, parser)
     result = evaluate(model, tokenizer, args.shards, args.max_new_tokens)
     write_report(result, args.out, args.metrics or checkpoint.parent / "metrics.jsonl")
     print(table(result))

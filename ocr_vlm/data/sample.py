@@ -1,0 +1,112 @@
+"""One shard sample -> one `Example`, the same for training, validation, the report and read-back; or `Rejected`.
+
+A sample is `KEY.json` ({prompt, response|answer} or {messages} with `KEY.png|jpg|jpeg|webp`, or {messages} alone
+for a text-only conversation; shards/README.md). Decoding parses the JSON once, makes the image's uint8 views, and renders the token
+ids with their next-token targets (response tokens only).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+from ocr_vlm.config import VLMConfig
+from ocr_vlm.data.stream import ShardSet, read_range
+from ocr_vlm.image import IMAGE_MEMBERS, Views, load_views
+from ocr_vlm.model.gpt import IGNORE_INDEX
+from ocr_vlm.rejected import Rejected
+from ocr_vlm.tokenizer import Tokenizer
+
+
+@dataclass
+class Example:
+    key: str                          # the sample's key in its shard
+    inputs: list[int]                 # token ids the model reads
+    targets: list[int]                # the next token at each position; IGNORE_INDEX where unsupervised
+    views: Views | None               # uint8 global view (+ Gundam tiles and grid); None for a text-only sample
+    prompt: str = ""                  # vision samples: the prompt and the expected response
+    response: str = ""
+    image: bytes = b""                # vision samples: the encoded page, for reports
+
+
+def with_response(fields: dict) -> dict:
+    """The fields with `answer` (many manifests' name) renamed to `response`: one schema, accepted the same by the
+    writer and the loader."""
+    if "response" not in fields and "answer" in fields:
+        fields = dict(fields)
+        fields["response"] = fields.pop("answer")
+    return fields
+
+
+def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Example:
+    """A raw shard sample (webdataset's dict of members) -> Example; raises Rejected naming what is wrong."""
+    if "json" not in sample:
+        raise Rejected("missing_json", "no .json member")
+    try:
+        meta = json.loads(sample["json"].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Rejected("bad_text", "json is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise Rejected("bad_json", f"json does not parse ({e})") from None
+    if not isinstance(meta, dict):
+        raise Rejected("bad_json", "json is not an object")
+    meta, key = with_response(meta), sample.get("__key__", "")
+    image_key = next((ext for ext in IMAGE_MEMBERS if ext in sample), None)
+    if image_key is None and ("prompt" in meta or "response" in meta):
+        raise Rejected("missing_image", "vision sample has no image member")
+    if "messages" in meta:
+        messages = meta["messages"]
+    elif image_key is None:
+        raise Rejected("bad_fields", "text sample needs a 'messages' list")
+    else:
+        for name in ("prompt", "response"):
+            if not isinstance(meta.get(name), str):
+                raise Rejected("bad_fields", f"field '{name}' missing or not a string")
+        messages = [{"role": "user", "content": meta["prompt"]}, {"role": "assistant", "content": meta["response"]}]
+    views = load_views(sample[image_key], vlm) if image_key is not None else None
+    try:
+        # the placeholder count follows the page's own tile grid
+        ids, mask = tokenizer.render_conversation(messages, vlm.image_tokens_for(views.grid) if views else 0)
+    except ValueError as e:
+        raise Rejected("bad_fields", str(e)) from None
+    if views is None:
+        return Example(key, ids[:-1], _targets(ids, mask), None)
+    # A multi-turn page is evaluated (and read by the reading head) by its first exchange.
+    user, assistant = first_exchange(messages)
+    return Example(key, ids[:-1], _targets(ids, mask), views, user, assistant, sample[image_key])
+
+
+def first_exchange(messages: list[dict]) -> tuple[str, str]:
+    """The first user turn (a leading system message merged in, as rendering does) and the first assistant turn."""
+    contents = [m["content"] for m in messages]
+    if messages[0]["role"] == "system":
+        contents = [contents[0] + "\n\n" + contents[1]] + contents[2:]
+    return contents[0], contents[1] if len(contents) > 1 else ""
+
+
+def _targets(ids: list[int], mask: list[int]) -> list[int]:
+    """Next-token targets of `ids`, IGNORE_INDEX where the mask does not supervise the next token."""
+    return [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+
+
+def read_examples(shards: str, tokenizer: Tokenizer, vlm: VLMConfig,
+                  limit: int | None = None) -> tuple[list[Example], Counter]:
+    """The vision examples of `shards` in order (at most `limit`), read once each on this process, and the count of
+    rejected samples by reason: what validation read-back and the report read."""
+    examples, rejected = [], Counter()
+    shard_set = ShardSet.from_spec(shards)
+    for url, count in zip(shard_set.urls, shard_set.counts):
+        for item in read_range(url, 0, count):
+            if limit is not None and len(examples) >= limit:
+                return examples, rejected
+            try:
+                if isinstance(item, Rejected):
+                    raise item
+                example = decode(item, tokenizer, vlm)
+            except Rejected as e:
+                rejected[e.reason] += e.count
+                continue
+            if example.views is not None:          # text-only samples have nothing to read
+                examples.append(example)
+    return examples, rejected
