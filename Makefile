@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 # DeepSpeed JIT-builds a C++ op on first use; one fixed cache keeps that a one-off cost.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup test demo read
+.PHONY: setup test test-fast demo read
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
@@ -20,9 +20,14 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 # pytest exits 5 when it collects nothing: an empty suite must fail loudly, not pass quietly.
+# `make test` is the whole suite (what CI runs); `make test-fast` leaves out the tests marked slow (DeepSpeed runs).
 test: setup
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+test-fast: setup
+	@$(PY) -m pytest -q -m "not slow" tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; fi; exit $$rc
 
 # The tier-1 demo: the mini preset overfits the 10 shipped pages with 2 DeepSpeed CPU ranks (ZeRO-2, fp32),
 # then reads them back (runs/demo/eval/report.html).
@@ -32,7 +37,7 @@ DEMO_ARGS := --output_dir=runs/demo --steps=200 --global_batch=4 --micro_batch=1
 demo: setup
 	rm -rf runs/demo
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json $(DEMO_ARGS)
-	$(PY) -m ocr_vlm.evaluate --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval \
+	$(PY) -m ocr_vlm.report --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval \
 		--max_new_tokens 200
 
 # Learning to read: random-string pages (ocr_vlm.data.render reading) trained from scratch with the reading head,
@@ -49,5 +54,5 @@ read: setup
 	$(PY) -m ocr_vlm.data.render reading --set $(READ_SET) --n $(READ_PAGES) --seed 1 --out runs/read/data/train
 	$(PY) -m ocr_vlm.data.render reading --set $(READ_SET) --n 200 --seed 2 --out runs/read/data/heldout
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json $(READ_ARGS)
-	$(PY) -m ocr_vlm.evaluate --checkpoint runs/read/export --shards runs/read/data/heldout --out runs/read/eval \
+	$(PY) -m ocr_vlm.report --checkpoint runs/read/export --shards runs/read/data/heldout --out runs/read/eval \
 		--max_new_tokens 80

@@ -44,3 +44,38 @@ def test_unknown_preset_and_mode():
         config.preset("d32")
     with pytest.raises(ConfigError, match="mode"):
         config.d20().with_mode("huge")
+    with pytest.raises(ConfigError, match="mode"):
+        cli.train_config(["--mode=huge"])
+
+
+def test_preset_stage_and_mode_choose_defaults_before_the_other_keys():
+    cfg = cli.train_config(["--model.image_size=512", "--mode=gundam", "--preset=d20", "--stage=2",
+                            "--data.text_shards=t"])
+    assert (cfg.preset, cfg.stage, cfg.mode, cfg.lr, cfg.schedule, cfg.freeze) == ("d20", 2, "gundam", 3e-5, "step",
+                                                                                   ("sam",))
+    assert (cfg.data.seq_len, cfg.model.gpt.sequence_len, cfg.data.text_ratio) == (8192, 8192, 0.1)
+    assert (cfg.model.image_size, cfg.model.tile_size, cfg.model.gpt.n_layer) == (512, 640, 20)   # the key wins
+    assert cli.train_config([]).warmup_steps == cli.train_config(["--stage=2", "--data.text_shards=t"]).warmup_steps
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--data.seq_len=8192"], "data.seq_len"),               # above the model's context (stage 1: 4096)
+    (["--data.batch_rows=4"], "--data.batch_rows"),          # rows per micro-batch are micro_batch, set once
+    (["--stage=3"], "stage"),
+    (["--freeze=towers"], "freeze"),
+])
+def test_bad_recipes_name_the_field(args, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        cli.train_config(args)
+
+
+def test_help_lists_every_key_with_its_default_and_a_doc(capsys):
+    from ocr_vlm.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for key, value, doc in cli.keys(cli.train_config([])):
+        assert doc, key
+        assert f"--{key}={cli.show(value)}" in out and doc in out, key
+    assert "--stage=2 changes: " in out and "lr=3e-05" in out

@@ -83,6 +83,7 @@ def kill_when(out, reached, timeout: float = 300) -> None:
         proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(uninterrupted, tmp_path, point):
     out = tmp_path / "run"
@@ -125,6 +126,7 @@ class Planted:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_a_planted_pickle_is_refused_on_resume_unless_trusted(uninterrupted, tmp_path):
     checkpoint = tmp_path / "checkpoints" / "step000002"
     checkpoint.parent.mkdir()
@@ -170,6 +172,7 @@ def test_a_slot_with_no_readable_sample_is_an_error_not_a_hang(tmp_path, caplog)
     assert sum("skipping sample" in r.message for r in caplog.records) == 3      # each bad sample warned once
 
 
+@pytest.mark.slow
 def test_a_training_run_on_unreadable_data_stops_with_the_reason(tmp_path):
     result = train(tmp_path / "run", "--steps=2", f"--data.shards={unreadable_shards(tmp_path / 'bad')}", timeout=120)
     assert result.returncode != 0 and "found no usable sample; skipped by reason: {'bad_fields': 3}" in result.stderr
@@ -194,6 +197,7 @@ def test_a_failed_shard_write_leaves_the_previous_set_byte_identical(tmp_path, m
 
 
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_huge_lr_stops_the_run_before_any_export(tmp_path):
     """The issue's run: at lr 1e6 the softcapped logits saturate, the gradient norm is exactly 0 from step 2 on
     and the loss stays finite; three such steps stop the run, and no checkpoint or export is written."""
@@ -214,6 +218,7 @@ def test_a_loss_far_above_its_running_mean_counts_as_divergence():
         guard.check(7, 14.5, grad_norm=1.0, lr=1e-3)
 
 
+@pytest.mark.slow
 def test_non_finite_losses_stop_the_run(tmp_path):
     """Pretrained weights holding a NaN (a corrupt download): every loss is non-finite, each micro-batch is dropped
     on every rank, and max_bad_steps of them in a row stop the run before anything is saved."""

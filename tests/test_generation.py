@@ -6,6 +6,7 @@ from ocr_vlm import config
 from ocr_vlm.generation import Generator
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
+from conftest import randomize
 
 CFG = config.mini()
 TOK = Tokenizer.load(MINI_TOKENIZER)
@@ -14,10 +15,7 @@ PROMPTS = ["<image>\nFree OCR.", "<image>\nRead the text in the image.", "<image
 
 def engine(seed=0) -> Generator:
     torch.manual_seed(seed)
-    model = build_model(CFG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)            # random but confident: greedy paths that differ per image
+    model = randomize(build_model(CFG), 0.3, seed=None)      # random but confident: greedy paths differ per image
     return Generator(model, TOK)
 
 

@@ -3,6 +3,7 @@ token loss over the whole global batch, however its rows are split. Real DeepSpe
 
 import sys
 
+import pytest
 import torch
 
 from test_train import BIN, free_port, run
@@ -16,6 +17,7 @@ def step(out, ranks: int, micro_batch: int) -> dict:
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_ranks_by_two_micro_batches_give_the_one_micro_batch_gradient(tmp_path):
     """Rows with 3, 85, 40 and 32 supervised tokens: as one 4-row micro-batch on one rank, and as 2 ranks x 2
     accumulated one-row micro-batches. A per-micro-batch mean would weigh row 0's 3 tokens like row 1's 85."""

@@ -21,6 +21,7 @@ from ocr_vlm.tokenizer import MINI_TOKENIZER
 from ocr_vlm.train import deepspeed_config
 from ocr_vlm.weights import load_export
 
+pytestmark = pytest.mark.slow    # every test here runs real DeepSpeed ranks in subprocesses
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY_RUN = ["--data.seq_len=256", "--data.num_workers=1", "--micro_batch=1", "--global_batch=4", "--warmup_steps=1",

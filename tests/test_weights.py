@@ -10,15 +10,11 @@ from ocr_vlm import config
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.tokenizer import MINI_TOKENIZER
 from ocr_vlm.weights import WeightLoadError, load_export, load_pretrained, nanochat_gpt_config, save_export, to_format
+from conftest import randomize
 
 
 def randomized(model):
-    """Random values everywhere (zero-initialised tensors would hide a wrong mapping)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model
+    return randomize(model, 0.05)
 
 
 def mini_model(**gpt):
