@@ -10,7 +10,7 @@ import dataclasses
 from collections import Counter
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from deepspeed.utils import safe_get_full_grad
 
 from ocr_vlm import cli, dist, train
@@ -71,8 +71,8 @@ def main() -> None:
     if trainer.rank == 0:
         torch.save({"grads": grads, "loss": metrics["loss"], "reading_loss": metrics["reading_loss"],
                     "target_tokens": counters["target_tokens"]}, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":
