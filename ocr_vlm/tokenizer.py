@@ -1,5 +1,9 @@
 """nanochat-compatible BPE tokenizer plus `<|image|>`, encoding with tiktoken, stored as pickle-free JSON.
 
+The file is HF `tokenizers`' own tokenizer.json (a byte-level BPE, the split pattern as its pre-tokenizer, the
+specials as added tokens), so `transformers.AutoTokenizer` and `tokenizers.Tokenizer.from_file` read it and encode
+exactly as tiktoken does here (tested on varied text). Files of the older `ocr_vlm-tokenizer-v1` layout still load.
+
 nanochat's vocabulary is its BPE ranks followed by 9 special tokens; `<|image|>` is appended after them, so a
 65536-token nanochat tokenizer becomes 65537 with `<|image|>` = 65536. nanochat ships `tokenizer.pkl` (a pickled
 tiktoken Encoding): it is converted once, on an explicit trust flag, into our JSON file.
@@ -27,7 +31,7 @@ SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 IMAGE_TOKEN = "<|image|>"
 IMAGE_PLACEHOLDER = "<image>"     # what prompts write (DeepSeek-OCR style); expanded to the image's embedding count
-FORMAT = "ocr_vlm-tokenizer-v1"
+LEGACY_FORMAT = "ocr_vlm-tokenizer-v1"    # base64 ranks in a list; what exports before the HF layout hold
 # The mini preset's tokenizer, trained on the synthetic renderer's corpus:
 #   python -m ocr_vlm.data.render corpus --n 3000 --out corpus.txt
 #   python -m ocr_vlm.tokenizer train --input corpus.txt --vocab_size 2048 --out ocr_vlm/assets/mini_tokenizer.json
@@ -155,20 +159,59 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        ranks = sorted(self.ranks.items(), key=lambda kv: kv[1])
-        data = {"format": FORMAT, "pattern": self.pattern, "special_tokens": self.specials,
-                "mergeable_ranks": [base64.b64encode(token).decode("ascii") for token, _ in ranks]}
-        Path(path).write_text(json.dumps(data, indent=0, ensure_ascii=True))
+        Path(path).write_text(json.dumps(self.to_hf(), indent=0, ensure_ascii=False), encoding="utf-8")
+
+    def to_hf(self) -> dict:
+        """The HF `tokenizers` JSON of this tokenizer. tiktoken merges the adjacent pair whose joined token has the
+        lowest rank; HF BPE merges the pair earliest in `merges`. Listing every split of every token by its joined
+        rank (as transformers' TikTokenConverter does) makes the two agree, and `ignore_merges` takes a whole
+        pre-token that is itself a token at once, as tiktoken does."""
+        chars = _byte_chars()
+        text = {token: "".join(chars[b] for b in token) for token in self.ranks}
+        merges = []
+        for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+            splits = [(token[:i], token[i:]) for i in range(1, len(token))]
+            splits = sorted((self.ranks[a], self.ranks[b], a, b) for a, b in splits if a in self.ranks and b in self.ranks)
+            merges += [[text[a], text[b]] for _, _, a, b in splits]
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for name, i in self.specials.items()],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                byte_level]},
+            "post_processor": None,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {text[token]: rank for token, rank in self.ranks.items()}, "merges": merges},
+        }
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TokenizerError(f"{path}: cannot read tokenizer JSON ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise TokenizerError(f"{path}: not an {FORMAT} file (convert nanochat's tokenizer.pkl with "
-                                 "`python -m ocr_vlm.tokenizer convert`)")
+        if isinstance(data, dict) and data.get("format") == LEGACY_FORMAT:
+            return cls._from_legacy(data, path)
+        try:
+            model, split = data["model"], data["pre_tokenizer"]["pretokenizers"][0]
+            if model["type"] != "BPE" or split["type"] != "Split":
+                raise TypeError
+            inverse = {c: b for b, c in enumerate(_byte_chars())}
+            ranks = {bytes(inverse[c] for c in token): rank for token, rank in model["vocab"].items()}
+            specials = {t["content"]: t["id"] for t in data["added_tokens"]}
+            pattern = split["pattern"]["Regex"]
+        except (KeyError, IndexError, TypeError):
+            raise TokenizerError(f"{path}: not a byte-level BPE tokenizer.json written by ocr_vlm (convert "
+                                 "nanochat's tokenizer.pkl with `python -m ocr_vlm.tokenizer convert`)") from None
+        return cls(ranks, pattern, specials)
+
+    @classmethod
+    def _from_legacy(cls, data: dict, path: str | Path) -> "Tokenizer":
         for key, kind in (("pattern", str), ("special_tokens", dict), ("mergeable_ranks", list)):
             if not isinstance(data.get(key), kind):
                 raise TokenizerError(f"{path}: field '{key}' missing or not a {kind.__name__}")
@@ -213,6 +256,18 @@ class Tokenizer:
         ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         return cls(ranks, trainer.get_pattern(), specials)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte-level alphabet, the one HF's ByteLevel uses: byte b -> a printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return [chars[b] for b in range(256)]
 
 
 def main(argv: list[str] | None = None) -> None:

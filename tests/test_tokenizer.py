@@ -1,7 +1,9 @@
 """Tokenizer: nanochat layout plus <|image|>, rendering masks, pickle-free storage, and the trust-gated conversion."""
 
+import base64
 import json
 import pickle
+import random
 
 import pytest
 import tiktoken
@@ -85,19 +87,57 @@ def test_json_round_trip_and_corrupt_files(tok, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="cannot read tokenizer JSON"):
         Tokenizer.load(tmp_path / "bad.json")
+    data = json.loads((tmp_path / "t.json").read_text())
+    (tmp_path / "wordpiece.json").write_text(json.dumps(dict(data, model={"type": "WordPiece", "vocab": {}})))
+    with pytest.raises(TokenizerError, match="not a byte-level BPE tokenizer.json"):
+        Tokenizer.load(tmp_path / "wordpiece.json")
+    swapped = [dict(t, id={tok.bos_id: tok.user_start_id, tok.user_start_id: tok.bos_id}.get(t["id"], t["id"]))
+               for t in data["added_tokens"]]
+    (tmp_path / "swapped.json").write_text(json.dumps(dict(data, added_tokens=swapped)))
+    with pytest.raises(TokenizerError, match=r"<\|bos\|> = \d+ \(expected \d+\)"):
+        Tokenizer.load(tmp_path / "swapped.json")
+
+
+def test_legacy_json_still_loads_and_checks(tok, tmp_path):
+    """Exports written before the HF layout: base64 ranks in rank order."""
+    ranks = [base64.b64encode(t).decode() for t, _ in sorted(tok.ranks.items(), key=lambda kv: kv[1])]
+    legacy = {"format": "ocr_vlm-tokenizer-v1", "pattern": tok.pattern, "special_tokens": tok.specials,
+              "mergeable_ranks": ranks}
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    assert Tokenizer.load(tmp_path / "old.json").ranks == tok.ranks
     (tmp_path / "wrong.json").write_text('{"format": "ocr_vlm-tokenizer-v1", "pattern": "x"}')
     with pytest.raises(TokenizerError, match="'special_tokens' missing"):
         Tokenizer.load(tmp_path / "wrong.json")
-    data = json.loads((tmp_path / "t.json").read_text())
-    swapped = dict(data, special_tokens=dict(data["special_tokens"], **{"<|bos|>": tok.user_start_id,
-                                                                          "<|user_start|>": tok.bos_id}))
-    (tmp_path / "swapped.json").write_text(json.dumps(swapped))
-    with pytest.raises(TokenizerError, match=r"<\|bos\|> = \d+ \(expected \d+\)"):
-        Tokenizer.load(tmp_path / "swapped.json")
-    repeated = dict(data, mergeable_ranks=data["mergeable_ranks"] + data["mergeable_ranks"][:1])
-    (tmp_path / "repeated.json").write_text(json.dumps(repeated))
+    (tmp_path / "repeated.json").write_text(json.dumps(dict(legacy, mergeable_ranks=ranks + ranks[:1])))
     with pytest.raises(TokenizerError, match="repeats a token"):
         Tokenizer.load(tmp_path / "repeated.json")
+
+
+def varied_texts(n: int, seed: int = 0) -> list[str]:
+    """Receipts-like ASCII, accents, CJK, emoji, contractions, digit runs, tabs and CRLFs, in random mixes."""
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJ0123456789 .,:;!?$%-\n\t\r'\"()éüß中文🙂"
+    fixed = ["TOTAL 12.47\nThank you!", "  leading spaces\tand tabs\r\n", "it's they're we'll I'M",
+             "héllo wörld — ünïcode 中文 🙂", "1234567 3.14159", "a" * 50, "ab" * 40, ""]
+    return fixed + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("which", ["mini", "trained"])
+def test_hf_tokenizers_and_auto_tokenizer_encode_exactly_as_we_do(tok, which, tmp_path):
+    """The saved file is HF's format: `tokenizers` and `AutoTokenizer` give our ids (specials included) and decode
+    back, for the shipped tokenizer and for one trained on the varied texts themselves (many more merges)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer
+
+    ours = tok if which == "mini" else Tokenizer.train(varied_texts(400, seed=1), 3000)
+    ours.save(tmp_path / "tokenizer.json")
+    fast, auto = HFTokenizer.from_file(str(tmp_path / "tokenizer.json")), AutoTokenizer.from_pretrained(tmp_path)
+    for text in varied_texts(1000):
+        ids = ours.encode(text)
+        assert fast.encode(text, add_special_tokens=False).ids == ids, text
+        assert auto.decode(ids) == text
+    prompt = ours.render_prompt("<image>\nFree OCR.", 3)
+    assert auto(ours.decode(prompt), add_special_tokens=False)["input_ids"] == prompt
 
 
 def test_layout_checks_ranks_and_bytes():
