@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ocr_vlm.model.gpt import KVCache
+from ocr_vlm.model.gpt import KVCache, left_padded_positions
 from ocr_vlm.model.vlm import VLM
 from ocr_vlm.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, Tokenizer
 
@@ -38,7 +38,7 @@ class Generator:
         width = max(map(len, rows))
         ids = torch.tensor([[self.tokenizer.bos_id] * (width - len(r)) + r for r in rows], device=device)
         valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
-        positions = (valid.cumsum(1) - 1).clamp(min=0)
+        positions = left_padded_positions(valid)
         padded = bool((~valid).any())          # without padding, decoding needs no mask at all (the fast path)
         x = model.embed(ids, model.vision_tokens(pixels.to(device)),
                         model.vision_tokens(tiles.to(device)) if tiled else None, grids if tiled else None)

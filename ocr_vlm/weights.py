@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,9 +135,11 @@ NANOCHAT_HF = KeyTable(
     scope=("gpt",),
 )
 
+EXPORT_PREFIX = "model."     # the transformers wrapper's attribute holding the VLM (hf_model.py)
 OCR_VLM = KeyTable(name="ocr_vlm export", pairs=(("{rest}", "{rest}"),),
                    scope=("sam_model", "vision_model", "projector", "image_newline", "view_separator", "gpt",
-                          "reading_head"))
+                          "reading_head"),
+                   strip_prefix=EXPORT_PREFIX)      # optional: exports before the transformers layout have none
 
 FORMATS = {"hf_sam": SAM_HF, "hf_clip": CLIP_HF, "deepseek_ocr": DEEPSEEK_OCR, "nanochat": NANOCHAT,
            "hf_nanochat": NANOCHAT_HF, "ocr_vlm": OCR_VLM}
@@ -312,14 +313,19 @@ def to_format(state_dict: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.
 
 def save_export(model: torch.nn.Module, out_dir: str | Path, tokenizer: str | Path,
                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """A self-contained export: `model.safetensors` + `config.json` + `tokenizer.json`, all `load_export` needs.
-    Pass `state_dict` when the live one is partitioned (ZeRO-3) or the model is on the meta device."""
+    """A self-contained export: `model.safetensors` + `config.json` + `tokenizer.json`, all `load_export` needs, and
+    what transformers loads it with (hf_export.py). Pass `state_dict` when the live one is partitioned (ZeRO-3) or
+    the model is on the meta device. Tensors are stored under `EXPORT_PREFIX`, where the transformers wrapper holds
+    the VLM."""
+    from ocr_vlm import hf_export
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "ocr_vlm"})
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(model.cfg), indent=2))
-    shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
+    tensors = {EXPORT_PREFIX + k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tok = Tokenizer.load(tokenizer)
+    tok.save(out_dir / "tokenizer.json")
+    hf_export.write(out_dir, model.cfg, tok)
     return out_dir
 
 
@@ -327,7 +333,9 @@ def load_export(path: str | Path, device: str = "cpu"):
     """(model, tokenizer) from a `save_export` directory: weights loaded strictly, tokenizer checked against them."""
     from ocr_vlm.model.vlm import build_model
 
-    cfg = config.from_dict(VLMConfig, json.loads((Path(path) / "config.json").read_text())).validate()
+    data = json.loads((Path(path) / "config.json").read_text())
+    # Exports from before the transformers layout hold the VLMConfig itself.
+    cfg = config.from_dict(VLMConfig, data["vlm"] if "model_type" in data else data).validate()
     tokenizer = Tokenizer.load(Path(path) / "tokenizer.json")
     check_tokenizer(tokenizer, cfg, Path(path) / "tokenizer.json")
     model = build_model(cfg, device=device)

@@ -15,11 +15,15 @@ from PIL import Image
 from ocr_vlm import cli, config
 from ocr_vlm.data import render
 from ocr_vlm.data.loader import Loader
+from ocr_vlm.data.sample import read_examples
 from ocr_vlm.data.shards import text_record, write_shards
+from ocr_vlm.generation import Generator
+from ocr_vlm.image import stack_views
 from ocr_vlm.report import evaluate
 from ocr_vlm.tokenizer import MINI_TOKENIZER
 from ocr_vlm.train import deepspeed_config
 from ocr_vlm.weights import load_export
+from conftest import transformers_generate
 
 pytestmark = pytest.mark.slow    # every test here runs real DeepSpeed ranks in subprocesses
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +139,16 @@ def test_latest_points_at_the_final_checkpoint_and_export_reloads(zero2):
     pixels = torch.randn(1, 3, cfg.image_size, cfg.image_size)
     with torch.no_grad():
         assert torch.equal(model.eval()(ids, pixel_values=pixels), reference.eval()(ids, pixel_values=pixels))
+
+
+def test_trained_export_generates_the_same_under_transformers(zero2, tmp_path):
+    """The run's export, loaded by transformers in a fresh process, reads two tier-1 pages as our engine does."""
+    model, tokenizer = load_export(zero2 / "export")
+    examples, _ = read_examples("shards/tier1", tokenizer, model.cfg, limit=2)
+    pixels, _, _ = stack_views([e.views for e in examples], model.cfg)
+    prompts = [e.prompt for e in examples]
+    ours = Generator(model, tokenizer).generate(prompts, pixels, max_new_tokens=24)
+    assert transformers_generate(zero2 / "export", prompts, pixels, 24, tmp_path)["texts"] == ours
 
 
 def test_export_cli_exports_any_saved_checkpoint(zero2, tmp_path):

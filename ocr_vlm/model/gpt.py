@@ -69,6 +69,12 @@ class Documents:
         return torch.stack(rows)
 
 
+def left_padded_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of left-padded rows (B, T) bool: each row counts from its first real token, so a row gets
+    the positions it would have alone (padding gets 0; its keys are masked)."""
+    return (valid.cumsum(1) - 1).clamp(min=0)
+
+
 def attention_mask(key_valid: torch.Tensor | None, past: int, new: int, device) -> torch.Tensor | None:
     """(B, 1, new, past+new) bool mask for generation, or None for plain causal attention (the fast path).
 
@@ -161,11 +167,7 @@ class GPT(nn.Module):
         """nanochat's init: scaled normal matrices, unit embedding, zero lm_head and zero output projections.
 
         Also computes the rotary tables, so `to_empty` + `init_weights` after a meta build gives a usable model."""
-        cfg, device = self.cfg, self.cos.device
-        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
-        angles = torch.outer(torch.arange(self.cos.shape[0], device=device).float(), inv_freq)
-        self.cos.copy_(angles.cos())
-        self.sin.copy_(angles.sin())
+        self.rotary_tables()
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
@@ -176,6 +178,15 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
+
+    @torch.no_grad()
+    def rotary_tables(self) -> None:
+        """Fill the (unsaved) cos/sin buffers: after loading weights into a model built without them."""
+        cfg, device = self.cfg, self.cos.device
+        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
+        angles = torch.outer(torch.arange(self.cos.shape[0], device=device).float(), inv_freq)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Raw token embeddings; `hidden` applies nanochat's norm after embedding."""
