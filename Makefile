@@ -33,7 +33,8 @@ test-fast: setup
 # then reads them back (runs/demo/eval/report.html).
 DEMO_ARGS := --output_dir=runs/demo --steps=200 --global_batch=4 --micro_batch=1 --data.seq_len=512 \
 	--lr=3e-3 --min_lr_ratio=0.1 --warmup_steps=10 --checkpointing= --data.num_workers=1 --data.shuffle_buffer=10 \
-	--log_every=10 --freeze=sam,clip
+	--log_every=10 --freeze=sam,clip --val_every=100 --val_shards=shards/tier1 --val_read=10 --val_read_tokens=200 \
+	--wandb=true
 demo: setup
 	rm -rf runs/demo
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json $(DEMO_ARGS)

@@ -1,62 +1,45 @@
-"""Report on an exported model over shards: loss, greedy output and OCR metrics per page, a vision-collapse check,
-and files people can look at (report.json, a self-contained report.html, loss.png from the run's metrics).
+"""Report on an exported model over shards: loss, greedy output and OCR metrics (metrics.py) per page and per sample
+`type`, a vision-collapse check, and files people can look at: report.json, report.html (worst pages first, the raw
+output beside its diff, pages in images/ opened full size on click), loss.png from the run's metrics.
 
-    python -m ocr_vlm.report --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval [--mode=gundam]
+    python -m ocr_vlm.report --checkpoint runs/demo/export --shards shards/tier1 --out runs/demo/eval \
+        [--batch_size 8] [--limit N] [--casefold] [--strip_punctuation] [--mode=gundam]
+
+Pages stream through batch by batch: memory holds one batch of images and the text of each row, whatever the count.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import difflib
 import html
 import io
+import itertools
 import json
+import math
+import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+from PIL import Image
+from rapidfuzz.distance import Levenshtein
 from tqdm import tqdm
 
-from ocr_vlm.data.sample import Example, read_examples
-from ocr_vlm.diagnostics import VisionShare, verdict
+from ocr_vlm.data.sample import Example, iter_examples
+from ocr_vlm.data.stream import ShardSet
+from ocr_vlm.diagnostics import VisionShare, mismatched, verdict
 from ocr_vlm.generation import Generator
-from ocr_vlm.image import add_mode_arguments, apply_mode, load_image, stack_views
+from ocr_vlm.image import add_mode_arguments, apply_mode, stack_views
+from ocr_vlm.metrics import Normalization, Totals, scores
 from ocr_vlm.tokenizer import Tokenizer
 from ocr_vlm.weights import load_export
 
 
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance over characters, one row at a time."""
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, start=1):
-        current = [i]
-        for j, cb in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
-def cer(prediction: str, reference: str) -> float:
-    """Character error rate: edits per reference character."""
-    return edit_distance(prediction, reference) / max(1, len(reference))
-
-
-def ned(prediction: str, reference: str) -> float:
-    """Normalised edit distance as OmniDocBench reports it: edits / the longer length (0 = identical, 1 = disjoint)."""
-    return edit_distance(prediction, reference) / max(1, len(prediction), len(reference))
-
-
-def word_recall(prediction: str, reference: str) -> float:
-    """Share of the reference's distinct words that the prediction contains (case-folded)."""
-    words = set(reference.lower().split())
-    return len(words & set(prediction.lower().split())) / max(1, len(words))
-
-
-def read_back(model, tokenizer: Tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 8,
-              progress: bool = False) -> list[str]:
+def read_back(model, tokenizer: Tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy generation for each example's image and prompt."""
     generator, outputs = Generator(model, tokenizer), []
-    for start in tqdm(range(0, len(examples), batch_size), desc="reading", unit="batch", disable=not progress or None):
+    for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         pixels, tiles, grids = stack_views([e.views for e in chunk], model.cfg)
         outputs += generator.generate([e.prompt for e in chunk], pixels, max_new_tokens=max_new_tokens, tiles=tiles,
@@ -74,43 +57,76 @@ def example_loss(model, example: Example, pixels: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512, batch_size: int = 8,
-             limit: int | None = None) -> dict:
-    """Every page of `shards` read back and scored: {"summary": means and the reading check, "samples": per page}."""
+             limit: int | None = None, norm: Normalization = Normalization(), images_dir: Path | None = None,
+             progress: bool = False) -> dict:
+    """Every page of `shards` (at most `limit`) read back and scored: {"summary": totals overall and per type, the
+    reading check; "samples": one row per page}. With `images_dir`, each page's image is written there as it passes
+    (the row names the file)."""
     model.eval()
-    examples, rejected = read_examples(shards, tokenizer, model.cfg, limit)
-    outputs = read_back(model, tokenizer, examples, max_new_tokens, batch_size, progress=True)
+    rejected, totals, rows, started = Counter(), Totals(), [], time.perf_counter()
     share = VisionShare(model.cfg.vision_grid ** 2, model.cfg.gpt.n_embd)
-    for start in range(0, len(examples), batch_size):
-        share.add(model.vision_tokens(torch.stack([e.views.global_view for e in examples[start:start + batch_size]])))
-    rows = []
-    for i, (e, out) in enumerate(zip(examples, outputs)):
-        other = examples[(i + 1) % len(examples)].views.global_view   # the next page's image: same text, wrong page
-        rows.append({"key": e.key, "prompt": e.prompt, "expected": e.response, "image": e.image, "generated": out,
-                     "loss": example_loss(model, e, e.views.global_view[None]),
-                     "loss_other_image": example_loss(model, e, other[None]) if len(examples) > 1 else float("nan"),
-                     "exact": out == e.response, "cer": cer(out, e.response), "ned": ned(out, e.response),
-                     "word_recall": word_recall(out, e.response)})
-    n = max(1, len(rows))
-    mean = {key: sum(r[key] for r in rows) / n for key in ("loss", "loss_other_image", "cer", "ned", "word_recall")}
-    summary = {"samples": len(rows), "exact_match": sum(r["exact"] for r in rows),
-               "mean_loss": mean["loss"], "mean_cer": mean["cer"], "mean_ned": mean["ned"],
-               "mean_word_recall": mean["word_recall"], "distinct_outputs": len({r["generated"] for r in rows}),
-               "image_gap": mean["loss_other_image"] - mean["loss"], "vision_share": share.share(),
-               "skipped": dict(rejected)}
+    expected = min(ShardSet.from_spec(shards).total, limit if limit is not None else math.inf)
+    bar = tqdm(total=expected, desc="reading", unit="page", disable=not progress or None)
+    examples, previous = iter_examples(shards, tokenizer, model.cfg, limit, rejected), None
+    while batch := list(itertools.islice(examples, batch_size)):
+        outputs = read_back(model, tokenizer, batch, max_new_tokens, batch_size)
+        pixels = torch.stack([e.views.global_view for e in batch])
+        share.add(model.vision_tokens(pixels))
+        # another page's image for each page (the next one; the last takes the previous batch's first)
+        others = mismatched(pixels, previous) if previous is not None or len(batch) > 1 else None
+        for i, (e, out) in enumerate(zip(batch, outputs)):
+            row = {"key": e.key, "type": e.type, "prompt": e.prompt, "expected": e.response, "generated": out,
+                   "loss": example_loss(model, e, pixels[i:i + 1]),
+                   "loss_other_image": example_loss(model, e, others[i:i + 1]) if others is not None else math.nan,
+                   **scores(out, e.response, norm)}
+            if images_dir is not None:
+                row["image_file"] = _save_image(e, len(rows), images_dir)
+            totals.add(row, e.type)
+            rows.append(row)
+        previous = pixels
+        bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - started
+    paired = [r for r in rows if not math.isnan(r["loss_other_image"])]
+    gap = sum(r["loss_other_image"] - r["loss"] for r in paired) / len(paired) if paired else math.nan
+    summary = {**totals.summary(), "normalization": norm.describe(),
+               "mean_loss": sum(r["loss"] for r in rows) / max(1, len(rows)),
+               "distinct_outputs": len({r["generated"] for r in rows}), "image_gap": gap,
+               "vision_share": share.share(), "skipped": dict(rejected), "seconds": seconds,
+               "seconds_per_1000_pages": 1000 * seconds / max(1, len(rows))}
     return {"summary": summary, "samples": rows}
+
+
+def _save_image(example: Example, index: int, images_dir: Path) -> str:
+    """The page as stored in its shard (no re-encoding), named by its order; returns the path relative to the report."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    extension = (Image.open(io.BytesIO(example.image)).format or "bin").lower()   # reads the header only
+    name = f"{index:06d}.{extension}"
+    (images_dir / name).write_bytes(example.image)
+    return f"{images_dir.name}/{name}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reports.
 
-def table(result: dict) -> str:
-    lines = [f"{'sample':<24}{'exact':>6}{'loss':>9}{'CER':>7}{'NED':>7}{'recall':>8}"]
-    for r in result["samples"]:
-        lines.append(f"{r['key']:<24}{'yes' if r['exact'] else 'no':>6}{r['loss']:>9.4f}{r['cer']:>7.3f}"
-                     f"{r['ned']:>7.3f}{r['word_recall']:>8.2f}")
+def worst_first(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (-r["cer"], r["key"]))
+
+
+def table(result: dict, rows: int = 10) -> str:
+    """The console summary: the worst pages, then the totals per type and overall."""
+    lines = [f"{'worst pages':<28}{'type':<12}{'exact':>6}{'loss':>9}{'CER':>7}{'WER':>7}{'NED':>7}"]
+    for r in worst_first(result["samples"])[:rows]:
+        lines.append(f"{r['key']:<28}{r['type'] or '-':<12}{'yes' if r['exact'] else 'no':>6}{r['loss']:>9.4f}"
+                     f"{r['cer']:>7.3f}{r['wer']:>7.3f}{r['ned']:>7.3f}")
     s = result["summary"]
-    lines.append(f"exact match {s['exact_match']}/{s['samples']} | distinct outputs {s['distinct_outputs']} | "
-                 f"mean CER {s['mean_cer']:.3f} | image-dependent share of vision tokens {s['vision_share']:.4f}")
+    lines.append(f"{'type':<16}{'pages':>6}{'exact':>7}{'mean CER':>10}{'corpus CER':>12}{'mean WER':>10}{'NED':>7}")
+    for name, g in [*s["by_type"].items(), ("all", s)]:
+        lines.append(f"{name:<16}{g['samples']:>6}{g['exact_match']:>7}{g['mean_cer']:>10.3f}{g['corpus_cer']:>12.3f}"
+                     f"{g['mean_wer']:>10.3f}{g['mean_ned']:>7.3f}")
+    lines.append(f"distinct outputs {s['distinct_outputs']} | image-dependent share of vision tokens "
+                 f"{s['vision_share']:.4f} | {s['seconds_per_1000_pages']:.0f} s per 1,000 pages | "
+                 f"normalised: {s['normalization']}")
     lines.append(verdict(s["image_gap"]))
     return "\n".join(lines)
 
@@ -128,7 +144,7 @@ def curves(metrics_jsonl: Path, out_dir: Path) -> list[str]:
     records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     made = []
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    val = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     if train:
         ax.plot(*zip(*train), label="train loss")
@@ -141,15 +157,15 @@ def curves(metrics_jsonl: Path, out_dir: Path) -> list[str]:
     fig.savefig(out_dir / "loss.png", dpi=100)
     plt.close(fig)
     made.append("loss.png")
-    reads = [r for r in records if "val_cer" in r]
+    reads = [r for r in records if "eval/cer" in r]
     if reads:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
         for ax, (key, label, scale) in zip(axes, [("train_seconds", "training minutes", 60),
                                                   ("samples_seen", "pages seen", 1)]):
             x = [r[key] / scale for r in reads]
-            ax.plot(x, [r["val_cer"] for r in reads], "o-", label="held-out CER")
-            ax.plot(x, [min(r["image_gap"], 1.0) for r in reads], "s--", label="image gap (nats/token, ≤1 shown)")
-            ax.set(xlabel=label, ylim=(0, max(1.05, *(r["val_cer"] * 1.05 for r in reads))))   # CER can pass 1
+            ax.plot(x, [r["eval/cer"] for r in reads], "o-", label="held-out CER")
+            ax.plot(x, [min(r["eval/image_gap"], 1.0) for r in reads], "s--", label="image gap (nats/token, ≤1 shown)")
+            ax.set(xlabel=label, ylim=(0, max(1.05, *(r["eval/cer"] * 1.05 for r in reads))))   # CER can pass 1
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("CER")
         axes[0].legend()
@@ -160,51 +176,55 @@ def curves(metrics_jsonl: Path, out_dir: Path) -> list[str]:
     return made
 
 
-def _diff(expected: str, generated: str) -> str:
+def diff_html(expected: str, generated: str) -> str:
     """The generated text with insertions and deletions against the expected text marked."""
     out = []
-    for op, a0, a1, b0, b1 in difflib.SequenceMatcher(None, expected, generated, autojunk=False).get_opcodes():
-        if op in ("replace", "delete"):
-            out.append(f"<del>{html.escape(expected[a0:a1])}</del>")
-        if op in ("replace", "insert"):
-            out.append(f"<ins>{html.escape(generated[b0:b1])}</ins>")
-        if op == "equal":
-            out.append(html.escape(generated[b0:b1]))
+    for op in Levenshtein.opcodes(expected, generated):
+        if op.tag in ("replace", "delete"):
+            out.append(f"<del>{html.escape(expected[op.src_start:op.src_end])}</del>")
+        if op.tag in ("replace", "insert"):
+            out.append(f"<ins>{html.escape(generated[op.dest_start:op.dest_end])}</ins>")
+        if op.tag == "equal":
+            out.append(html.escape(generated[op.dest_start:op.dest_end]))
     return "".join(out)
 
 
-def _thumbnail(image_bytes: bytes) -> str:
-    image = load_image(image_bytes)
-    image.thumbnail((220, 220))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def write_report(result: dict, out_dir: str | Path, metrics_jsonl: str | Path | None = None) -> Path:
+def write_report(result: dict, out_dir: str | Path, metrics_jsonl: str | Path | None = None,
+                 source: str = "") -> Path:
+    """report.json (everything), report.html (worst first; `source` says which checkpoint and shards) and plots."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(
-        {"summary": result["summary"], "samples": [{k: v for k, v in r.items() if k != "image"}
-                                                   for r in result["samples"]]}, indent=1))
+    (out / "report.json").write_text(json.dumps(result, indent=1))
     plots = curves(Path(metrics_jsonl), out) if metrics_jsonl else []
     curve = "".join(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode((out / name).read_bytes()).decode()}">'
                     for name in plots)
-    rows = "".join(
-        f"<tr><td><img src=\"data:image/png;base64,{_thumbnail(r['image'])}\"></td>"
-        f"<td><pre>{html.escape(r['expected'])}</pre></td><td><pre>{_diff(r['expected'], r['generated'])}</pre></td>"
-        f"<td>{'✓' if r['exact'] else '✗'}<br>loss {r['loss']:.4f}<br>CER {r['cer']:.3f}<br>NED {r['ned']:.3f}"
-        f"<br>recall {r['word_recall']:.2f}</td></tr>" for r in result["samples"])
     s = result["summary"]
+    by_type = "".join(f"<tr><td>{html.escape(name)}</td><td>{g['samples']}</td><td>{g['exact_match']}</td>"
+                      f"<td>{g['mean_cer']:.3f}</td><td>{g['corpus_cer']:.3f}</td><td>{g['mean_wer']:.3f}</td>"
+                      f"<td>{g['corpus_wer']:.3f}</td><td>{g['mean_ned']:.3f}</td></tr>"
+                      for name, g in [*s["by_type"].items(), ("all", s)])
+    rows = "".join(
+        "<tr><td>" + (f'<a href="{r["image_file"]}"><img src="{r["image_file"]}" loading="lazy"></a>'
+                      if "image_file" in r else "") +
+        f"</td><td><pre>{html.escape(r['expected'])}</pre></td><td><pre>{html.escape(r['generated'])}</pre></td>"
+        f"<td><pre>{diff_html(r['expected'], r['generated'])}</pre></td>"
+        f"<td>{html.escape(r['key'])}<br>{html.escape(r['type'])}<br>{'✓' if r['exact'] else '✗'}<br>loss "
+        f"{r['loss']:.4f}<br>CER {r['cer']:.3f}<br>WER {r['wer']:.3f}<br>NED {r['ned']:.3f}</td></tr>"
+        for r in worst_first(result["samples"]))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ocr_vlm report</title><style>
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:6px;
-vertical-align:top}} pre{{margin:0;white-space:pre-wrap}} ins{{background:#c8f7c5;text-decoration:none}}
-del{{background:#f7c5c5}}</style></head><body><h1>ocr_vlm report</h1>
+vertical-align:top}} pre{{margin:0;white-space:pre-wrap;max-width:40em}} ins{{background:#c8f7c5;text-decoration:none}}
+del{{background:#f7c5c5}} td img{{width:360px}}</style></head><body><h1>ocr_vlm report</h1>
+<p>{html.escape(source)}</p>
 <p>exact match <b>{s['exact_match']}/{s['samples']}</b> · distinct outputs {s['distinct_outputs']} · mean loss
-{s['mean_loss']:.4f} · mean CER {s['mean_cer']:.3f} · mean NED {s['mean_ned']:.3f} · word recall
-{s['mean_word_recall']:.2f} · image-dependent share of vision tokens {s['vision_share']:.4f}</p>
-<p><b>{html.escape(verdict(s['image_gap']))}</b></p>{curve}
-<table><tr><th>image</th><th>expected</th><th>generated (<ins>added</ins> <del>missing</del>)</th><th>metrics</th></tr>
+{s['mean_loss']:.4f} · image-dependent share of vision tokens {s['vision_share']:.4f} · texts normalised:
+{html.escape(s['normalization'])} · {s['seconds_per_1000_pages']:.0f} s per 1,000 pages</p>
+<p><b>{html.escape(verdict(s['image_gap']))}</b></p>
+<table><tr><th>type</th><th>pages</th><th>exact</th><th>mean CER</th><th>corpus CER</th><th>mean WER</th>
+<th>corpus WER</th><th>mean NED</th></tr>{by_type}</table>{curve}
+<h2>pages, worst first (click a page for full size)</h2>
+<table><tr><th>page</th><th>expected</th><th>generated</th><th>diff (<ins>added</ins> <del>missing</del>)</th>
+<th>metrics</th></tr>
 {rows}</table></body></html>"""
     (out / "report.html").write_text(page)
     return out
@@ -217,15 +237,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--metrics", help="the run's metrics.jsonl for the loss curve (default: beside the export)")
     parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=8, help="pages generated together")
+    parser.add_argument("--limit", type=int, help="read at most this many pages")
+    parser.add_argument("--casefold", action="store_true", help="compare texts case-folded")
+    parser.add_argument("--strip_punctuation", action="store_true", help="compare texts without punctuation")
     add_mode_arguments(parser, default=None)
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
     model, tokenizer = load_export(checkpoint)
     model.cfg = apply_mode(model.cfg, args, parser)
-    result = evaluate(model, tokenizer, args.shards, args.max_new_tokens)
-    write_report(result, args.out, args.metrics or checkpoint.parent / "metrics.jsonl")
+    out = Path(args.out)
+    result = evaluate(model, tokenizer, args.shards, args.max_new_tokens, args.batch_size, args.limit,
+                      Normalization(args.casefold, args.strip_punctuation), images_dir=out / "images", progress=True)
+    source = f"checkpoint {checkpoint.resolve()} · shards {args.shards}" + \
+        (f" (first {args.limit} pages)" if args.limit is not None else "")
+    result["summary"]["source"] = source
+    write_report(result, out, args.metrics or checkpoint.parent / "metrics.jsonl", source)
     print(table(result))
-    print(f"report: {Path(args.out) / 'report.html'}")
+    print(f"report: {out / 'report.html'}")
 
 
 if __name__ == "__main__":

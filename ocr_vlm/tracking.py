@@ -1,7 +1,8 @@
 """Run tracking on rank 0: a metrics JSONL that is always written, and Weights & Biases when enabled.
 
 W&B runs offline (files under the run directory, `wandb sync` later) whenever there is no API key or the
-environment says so, so a cluster without internet never blocks on a login prompt.
+environment says so, so a cluster without internet never blocks on a login prompt. The run's config is the resolved
+recipe and ds_config; evaluations log under eval/ (with a table of read-back pages) and the export is an artifact.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import os
 import secrets
 from pathlib import Path
+
+from ocr_vlm.image import load_image
 
 
 class Tracker:
@@ -54,6 +57,29 @@ class Tracker:
         self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def log_predictions(self, step: int, rows: list[dict]) -> None:
+        """W&B only: a table of read-back pages (the page, expected and generated text, CER, exact) under
+        eval/predictions, to see what the numbers mean."""
+        if self.wandb is None or not rows:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["key", "page", "expected", "generated", "cer", "exact"])
+        for r in rows:
+            table.add_data(r["key"], wandb.Image(load_image(r["image"])), r["expected"], r["generated"], r["cer"],
+                           r["exact"])
+        self.wandb.log({"eval/predictions": table}, step=step)
+
+    def log_artifact(self, path: str | Path, name: str, kind: str) -> None:
+        """W&B only: a directory (the run's export) as a versioned artifact of the run."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name, type=kind)
+        artifact.add_dir(str(path))
+        self.wandb.log_artifact(artifact)
 
     def close(self) -> None:
         if not self.enabled:

@@ -47,7 +47,8 @@ from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.diagnostics import VisionShare, mismatched, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.vlm import build_model, parameter_table
-from ocr_vlm.report import cer, read_back
+from ocr_vlm.metrics import scores
+from ocr_vlm.report import read_back
 from ocr_vlm.schedule import lr_multiplier
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 from ocr_vlm.tracking import Tracker
@@ -81,14 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     rank = dist.rank()
     # On an exception this rank exits non-zero and the launcher stops the others; waiting for them here would hang.
     with _one_line_errors():
-        final = Trainer(cfg, args.ds_config).run()
+        trainer = Trainer(cfg, args.ds_config)
+        final = trainer.run()
     torch_dist.barrier()
     torch_dist.destroy_process_group()   # without it a rank can abort at exit and fail the launcher
     if rank == 0:
         # Exported from the files just saved, after the process group is gone: no rank waits in a collective for
         # this (a ZeRO-3 gather of the whole model on the host can outlast NCCL's timeout), and no GPU is needed.
         with _one_line_errors():
-            export_checkpoint(final, Path(cfg.output_dir) / "export", trusted=True)
+            export = export_checkpoint(final, Path(cfg.output_dir) / "export", trusted=True)
+        trainer.tracker.log_artifact(export, "export", "model")
+    trainer.tracker.close()
 
 
 def check_inputs(cfg: TrainConfig, ds_config: str, world: int) -> None:
@@ -151,13 +155,13 @@ class Trainer:
                     f"{'bf16' if self._bf16 else 'fp32'}, {type(optimizer).__name__}, {self.world} rank(s) x "
                     f"{cfg.micro_batch} row(s) x {self.gas} accumulation = {cfg.global_batch} rows per step"
                     + (f"; {precision}" if precision else ""))
-        self._save_resolved_config()
+        resolved = self._save_resolved_config()
         self.loader = Loader(cfg.data, cfg.model, self.tokenizer_path, self.rank, self.world, batch_rows=cfg.micro_batch)
         self.step, self.samples_seen, self.train_seconds = 0, 0, 0.0
         self.divergence = DivergenceGuard(cfg.diverge_steps, cfg.diverge_loss)
         self.bad_in_a_row = 0              # non-finite micro-batch losses in a row, across steps
         self.read_examples = None          # (tokenizer, this rank's share of the pages val_read reads back)
-        self.tracker = Tracker(self.out, config.to_dict(cfg), enabled=self.rank == 0, use_wandb=cfg.wandb,
+        self.tracker = Tracker(self.out, resolved, enabled=self.rank == 0, use_wandb=cfg.wandb,
                                project=cfg.wandb_project, run_name=cfg.run_name, resume=resume_from is not None)
         self.frozen_before = {n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad} \
             if cfg.freeze and self.zero_stage < 3 else {}
@@ -182,14 +186,15 @@ class Trainer:
         dist.print0(parameter_table(model))
         return model
 
-    def _save_resolved_config(self) -> None:
+    def _save_resolved_config(self) -> dict:
         """The run's whole configuration as it runs (recipe with model and data, DeepSpeed's config with "auto"
-        filled in): printed, and kept as output_dir/config.json."""
-        resolved = json.dumps({"recipe": config.to_dict(self.cfg), "deepspeed_config": self.deepspeed_config}, indent=1)
-        dist.print0(f"config:\n{resolved}")
+        filled in): printed, kept as output_dir/config.json, and returned (W&B's run config)."""
+        resolved = {"recipe": config.to_dict(self.cfg), "deepspeed_config": self.deepspeed_config}
+        dist.print0(f"config:\n{json.dumps(resolved, indent=1)}")
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(resolved + "\n")
+            (self.out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+        return resolved
 
     # ------------------------------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -212,7 +217,6 @@ class Trainer:
                 self.save()
         self.save()
         self._check_frozen()
-        self.tracker.close()
         return self.out / CHECKPOINTS / f"step{self.step:06d}"
 
     def train_step(self, micro_batches: list[dict], spares, inspect=None):
@@ -359,22 +363,26 @@ class Trainer:
         total, share.moments = self._sum_over_ranks(total), self._sum_over_ranks(share.moments)
         self.model_engine.train()
         tokens = total[2].clamp(min=1)
-        result = {"val_loss": (total[0] / tokens).item(), "val_loss_other_image": (total[1] / tokens).item(),
-                  "vision_share": share.share()}
-        result["image_gap"] = result["val_loss_other_image"] - result["val_loss"]
-        dist.print0(f"step {self.step:05d} | val loss {result['val_loss']:.4f} over {int(total[2])} target tokens | "
-                    f"with another page's image {result['val_loss_other_image']:.4f} | image-dependent share of "
-                    f"vision tokens {result['vision_share']:.4f} | {verdict(result['image_gap'])}")
+        result = {"eval/loss": (total[0] / tokens).item(), "eval/loss_other_image": (total[1] / tokens).item(),
+                  "eval/vision_share": share.share()}
+        result["eval/image_gap"] = result["eval/loss_other_image"] - result["eval/loss"]
+        dist.print0(f"step {self.step:05d} | val loss {result['eval/loss']:.4f} over {int(total[2])} target tokens | "
+                    f"with another page's image {result['eval/loss_other_image']:.4f} | image-dependent share of "
+                    f"vision tokens {result['eval/vision_share']:.4f} | {verdict(result['eval/image_gap'])}")
+        predictions = []
         if self.cfg.val_read:
-            result["val_cer"] = self._read_back()
+            read, predictions = self._read_back()
+            result.update(read)
             dist.print0(f"step {self.step:05d} | read back {self.cfg.val_read} val pages: mean CER "
-                        f"{result['val_cer']:.4f} after {self.samples_seen:,} samples, "
+                        f"{read['eval/cer']:.4f}, exact {read['eval/exact']:.2f} after {self.samples_seen:,} samples, "
                         f"{self.train_seconds / 60:.1f} min of training")
         self.tracker.log(self.step, {**result, "samples_seen": self.samples_seen, "train_seconds": self.train_seconds})
+        self.tracker.log_predictions(self.step, predictions)
         return result
 
-    def _read_back(self) -> float:
-        """Mean CER of greedy generation on the first `val_read` val pages, split over the ranks."""
+    def _read_back(self) -> tuple[dict, list[dict]]:
+        """Mean CER and exact-match rate of greedy generation on the first `val_read` val pages, split over the
+        ranks, and this rank's pages as rows (image, expected, generated, metrics) for the predictions table."""
         if self.read_examples is None:
             tokenizer = Tokenizer.load(self.tokenizer_path)
             examples, _ = read_examples(self.cfg.val_shards, tokenizer, self.cfg.model, self.cfg.val_read)
@@ -383,10 +391,11 @@ class Trainer:
         self.model_engine.eval()
         outputs = read_back(self.model_engine.module, tokenizer, examples, max_new_tokens=self.cfg.val_read_tokens)
         self.model_engine.train()
-        total = torch.tensor([sum(cer(o, e.response) for o, e in zip(outputs, examples)), len(examples)],
-                             dtype=torch.float64)
-        total = self._sum_over_ranks(total)
-        return (total[0] / total[1].clamp(min=1)).item()
+        rows = [{"key": e.key, "image": e.image, "expected": e.response, "generated": o, **scores(o, e.response)}
+                for o, e in zip(outputs, examples)]
+        cer, exact, n = self._sum_over_ranks(torch.tensor([sum(r["cer"] for r in rows), sum(r["exact"] for r in rows),
+                                                           len(rows)], dtype=torch.float64)).tolist()
+        return {"eval/cer": cer / max(n, 1), "eval/exact": exact / max(n, 1)}, rows
 
     # ------------------------------------------------------------------------------------------------------------
     def save(self) -> None:

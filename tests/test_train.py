@@ -3,6 +3,7 @@ universal-checkpoint resume on another world size, a two-node launch over loopba
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -74,11 +75,11 @@ def test_zero2_on_two_ranks_learns(zero2):
 
 
 def test_eval_on_val_shards_every_n_steps(zero2):
-    evals = [m for m in map(json.loads, (zero2 / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m]
-    assert [m["step"] for m in evals] == [4, 8] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    evals = [m for m in map(json.loads, (zero2 / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in m]
+    assert [m["step"] for m in evals] == [4, 8] and evals[1]["eval/loss"] < evals[0]["eval/loss"]
     for m in evals:      # whether the model reads: the wrong page's loss, the varying share of the vision tokens, CER
-        assert m["image_gap"] == m["val_loss_other_image"] - m["val_loss"] and 0 <= m["vision_share"] <= 1
-        assert 0 <= m["val_cer"] and m["samples_seen"] > 0 and m["train_seconds"] > 0
+        assert m["eval/image_gap"] == m["eval/loss_other_image"] - m["eval/loss"] and 0 <= m["eval/vision_share"] <= 1
+        assert 0 <= m["eval/cer"] and 0 <= m["eval/exact"] <= 1 and m["samples_seen"] > 0 and m["train_seconds"] > 0
 
 
 def test_reading_head_and_tower_gradients_are_logged(tmp_path):
@@ -120,10 +121,21 @@ def test_gundam_trains_on_two_ranks_evaluates_and_generates(chats, tmp_path):
 
 
 def test_metrics_reach_jsonl_and_wandb_offline(zero2):
-    (run_file,) = (zero2 / "wandb").glob("offline-run-*/run-*.wandb")
+    (run_dir,) = (zero2 / "wandb").glob("offline-run-*")
+    (run_file,) = run_dir.glob("run-*.wandb")
     logged = run_file.read_bytes()
     for step, loss in losses(zero2).items():
         assert json.dumps(loss).encode() in logged, step      # every step's loss is in the W&B history
+    evals = [m for m in map(json.loads, (zero2 / "metrics.jsonl").read_text().splitlines()) if "eval/cer" in m]
+    assert b"eval/cer" in logged and json.dumps(evals[-1]["eval/cer"]).encode() in logged
+    # the predictions table: a page image, expected and generated text per read-back page (rank 0's 2 of 4)
+    (*_, table_file) = sorted(run_dir.glob("files/media/table/eval/predictions_*.table.json"))
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["key", "page", "expected", "generated", "cer", "exact"] and len(table["data"]) == 2
+    # W&B keeps a table's images in the table's artifact (staged, synced with the run), named in the run file
+    assert len(set(re.findall(rb"media/images/[0-9a-f]+\.png", logged))) >= 2
+    assert b"deepspeed_config" in logged and b"zero_optimization" in logged      # the resolved configs
+    assert b"modeling_ocr_vlm.py" in logged and b"model.safetensors" in logged   # the export, as an artifact
 
 
 def test_latest_points_at_the_final_checkpoint_and_export_reloads(zero2):

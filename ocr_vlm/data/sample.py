@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
+from typing import Iterator
 
 from ocr_vlm.config import VLMConfig
 from ocr_vlm.data.stream import ShardSet, read_range
@@ -28,6 +29,7 @@ class Example:
     prompt: str = ""                  # vision samples: the prompt and the expected response
     response: str = ""
     image: bytes = b""                # vision samples: the encoded page, for reports
+    type: str = ""                    # the sample's free `type` metadata (receipt, chart, ...): reports break down by it
 
 
 def with_response(fields: dict) -> dict:
@@ -74,7 +76,9 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Example:
         return Example(key, ids[:-1], _targets(ids, mask), None)
     # A multi-turn page is evaluated (and read by the reading head) by its first exchange.
     user, assistant = first_exchange(messages)
-    return Example(key, ids[:-1], _targets(ids, mask), views, user, assistant, sample[image_key])
+    kind = meta.get("type")
+    return Example(key, ids[:-1], _targets(ids, mask), views, user, assistant, sample[image_key],
+                   kind if isinstance(kind, str) else "")
 
 
 def first_exchange(messages: list[dict]) -> tuple[str, str]:
@@ -93,13 +97,21 @@ def _targets(ids: list[int], mask: list[int]) -> list[int]:
 def read_examples(shards: str, tokenizer: Tokenizer, vlm: VLMConfig,
                   limit: int | None = None) -> tuple[list[Example], Counter]:
     """The vision examples of `shards` in order (at most `limit`), read once each on this process, and the count of
-    rejected samples by reason: what validation read-back and the report read."""
-    examples, rejected = [], Counter()
-    shard_set = ShardSet.from_spec(shards)
+    rejected samples by reason: what validation read-back reads."""
+    rejected = Counter()
+    return list(iter_examples(shards, tokenizer, vlm, limit, rejected)), rejected
+
+
+def iter_examples(shards: str, tokenizer: Tokenizer, vlm: VLMConfig, limit: int | None = None,
+                  rejected: Counter | None = None) -> Iterator[Example]:
+    """`read_examples` one at a time (the report streams any number of pages); rejections are counted into
+    `rejected` as they are met."""
+    rejected = Counter() if rejected is None else rejected
+    shard_set, found = ShardSet.from_spec(shards), 0
     for url, count in zip(shard_set.urls, shard_set.counts):
         for item in read_range(url, 0, count):
-            if limit is not None and len(examples) >= limit:
-                return examples, rejected
+            if limit is not None and found >= limit:
+                return
             try:
                 if isinstance(item, Rejected):
                     raise item
@@ -108,5 +120,5 @@ def read_examples(shards: str, tokenizer: Tokenizer, vlm: VLMConfig,
                 rejected[e.reason] += e.count
                 continue
             if example.views is not None:          # text-only samples have nothing to read
-                examples.append(example)
-    return examples, rejected
+                found += 1
+                yield example
