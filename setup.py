@@ -24,12 +24,24 @@ setup(
         "datasets>=2.14",    # `shards write --hf_dataset`: load_from_disk (Arrow files, nothing unpickled)
         "pyarrow>=14",       # `shards write --hf_dataset`: parquet files
         "pypdfium2>=4",      # `shards write --documents`: PDF pages rendered, text layers read
+        "rapidfuzz>=3",      # edit distances for CER/WER/NED and the report's diffs (metrics.py)
         "numpy",
     ],
+    # Every command but training (`deepspeed launch/train.py --ds_config ...`, the launcher's entry point).
+    entry_points={"console_scripts": [
+        "ocr-vlm-shards=ocr_vlm.data.shards:main",
+        "ocr-vlm-render=ocr_vlm.data.render:main",
+        "ocr-vlm-generate=ocr_vlm.generate:main",
+        "ocr-vlm-report=ocr_vlm.report:main",
+        "ocr-vlm-export=ocr_vlm.export:main",
+        "ocr-vlm-plan=ocr_vlm.plan:main",
+        "ocr-vlm-tokenizer=ocr_vlm.tokenizer:main",
+        "ocr-vlm-model=ocr_vlm.model.__main__:main",
+    ]},
     extras_require={
         "dev": [
             "pytest>=8",
-            "transformers>=5.0",   # numerical oracle for SAM, CLIP and NanoChat parity tests
+            "transformers>=5.0",   # numerical oracle for SAM, CLIP and NanoChat parity tests; loads the export
             "rustbpe>=0.1",        # trains the shipped tiny tokenizer, as nanochat does
         ],
     },

@@ -1,5 +1,8 @@
 """Generation: the KV cache changes nothing, batching changes nothing, never-generated tokens never appear."""
 
+import json
+from pathlib import Path
+
 import torch
 
 from ocr_vlm import config
@@ -58,3 +61,28 @@ def test_image_and_chat_markers_never_generated_even_when_favoured():
     ids = [TOK.encode(text) for text in gen.generate(PROMPTS, images(), max_new_tokens=20)]
     assert all(not set(forced) & set(row) for row in ids)
     assert all("<|image|>" not in TOK.decode(row) for row in ids)
+
+
+def test_cli_reads_a_directory_and_a_glob_in_batches_into_jsonl(tmp_path, capsys):
+    from PIL import Image
+
+    from ocr_vlm import generate
+    from ocr_vlm.image import load_views, stack_views
+    from ocr_vlm.weights import save_export
+
+    gen = engine()
+    save_export(gen.model, tmp_path / "export", MINI_TOKENIZER)
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for i, colour in enumerate(["white", "black", "grey"]):
+        Image.new("RGB", (300 + 40 * i, 200), colour).save(pages / f"p{i}.png")
+    (pages / "notes.txt").write_text("not an image")
+    out = tmp_path / "pages.jsonl"
+    generate.main(["--checkpoint", str(tmp_path / "export"), "--image", str(pages), str(tmp_path / "pages" / "p1.*"),
+                   "--batch_size", "2", "--max_new_tokens", "12", "--out", str(out)])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [Path(r["image"]).name for r in lines] == ["p0.png", "p1.png", "p2.png", "p1.png"]
+    for r in lines:   # batched as 2 + 2, each page as it reads alone
+        pixels, _, _ = stack_views([load_views(Path(r["image"]), CFG)], CFG)
+        assert r["text"] == gen.generate(["<image>\nFree OCR."], pixels, max_new_tokens=12)[0]
+    assert lines[0]["text"] in capsys.readouterr().out
