@@ -94,7 +94,8 @@ class VLMConfig:
     image_size: int = 1024        # processed side at run time; may differ from sam.image_size (pos-embeds interpolate)
     image_resize: str = "pad"     # "pad" (aspect kept, grey 127) or "resize" (stretch)
     image_token_id: int = 65536   # <|image|>: appended after the tokenizer's own vocabulary
-    reading_head: tuple[int, ...] = ()   # (rows, cols) CTC sub-frames per vision token; () = no reading head
+    vision_norm: bool = False     # batch-norm the vision tokens over pages (model/reading.py): for towers trained from scratch
+    reading_head: bool = False    # training-only bag-of-characters loss on the vision tokens (model/reading.py)
     tile_size: int = 0            # Gundam's local tile side (0: fixed mode, global view only)
     min_crops: int = 2            # Gundam tile grids hold min_crops..max_crops tiles (the paper trained up to 9)
     max_crops: int = 6            # Gundam's most tiles per page
@@ -167,8 +168,6 @@ class VLMConfig:
                f"{c.pos_grid} must be sam.image_size/(patch_size*4) = {s.image_size // (s.patch_size * 4)}")
         _check(0 <= self.image_token_id < g.vocab_size, "image_token_id",
                f"{self.image_token_id} is outside the vocabulary of gpt.vocab_size={g.vocab_size}")
-        _check(len(self.reading_head) in (0, 2) and all(n > 0 for n in self.reading_head), "reading_head",
-               f"{self.reading_head} is not () or (rows, cols) of positive sub-frames per vision token")
         _check(self.tile_size % (s.patch_size * 4) == 0, "tile_size",
                f"{self.tile_size} is not a multiple of sam.patch_size*4 = {s.patch_size * 4}")
         _check(self.min_crops >= 2, "min_crops", f"{self.min_crops} is below 2 (a 1x1 grid means no tiles)")
@@ -250,13 +249,14 @@ class TrainConfig:
     micro_batch: int = 1          # packed rows per rank per micro-step
     global_batch: int = 8         # packed rows per optimizer step over all ranks (sets gradient accumulation)
     lr: float = 5e-5              # peak learning rate (AdamW)
+    vision_lr_scale: float = 1.0  # lr multiplier for SAM, CLIP and the projector (the GPT trains at lr)
     schedule: str = "cosine"      # cosine (warmup then cosine) | step (warmup then x decay_factor every decay_every) | constant
     warmup_steps: int = 100       # steps of linear warmup
     min_lr_ratio: float = 0.0     # cosine floor as a fraction of lr
     decay_every: int = 2000       # step schedule: steps between decays
     decay_factor: float = 0.1     # step schedule: lr multiplier at each decay
     weight_decay: float = 0.0     # AdamW weight decay
-    reading_weight: float = 0.0   # weight of the reading head's CTC loss (needs model.reading_head); 0 = off
+    reading_weight: float = 0.0   # weight of the reading head's loss (needs model.reading_head); 0 = off
     beta1: float = 0.9            # AdamW beta1
     beta2: float = 0.95           # AdamW beta2
     freeze: tuple[str, ...] = ()  # components kept bit-identical: sam, clip, projector, gpt
@@ -288,6 +288,8 @@ class TrainConfig:
         _check(self.schedule in ("cosine", "step", "constant"), "schedule", f"{self.schedule!r} is not cosine|step|constant")
         _check(self.steps > 0, "steps", "must be positive")
         _check(math.isfinite(self.lr) and self.lr > 0, "lr", f"{self.lr} is not a positive finite number")
+        _check(math.isfinite(self.vision_lr_scale) and self.vision_lr_scale > 0, "vision_lr_scale",
+               f"{self.vision_lr_scale} is not a positive finite number")
         _check(self.micro_batch > 0, "micro_batch", "must be positive")
         _check(self.global_batch % self.micro_batch == 0, "global_batch",
                f"{self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
@@ -300,7 +302,7 @@ class TrainConfig:
         _check(self.diverge_steps > 0, "diverge_steps", "must be positive")
         _check(self.diverge_loss > 1, "diverge_loss", f"{self.diverge_loss} must be above 1 (a multiple of the mean)")
         _check(self.reading_weight == 0 or bool(self.model.reading_head), "reading_weight",
-               f"{self.reading_weight} > 0 needs a reading head: set --model.reading_head=ROWS,COLS")
+               f"{self.reading_weight} > 0 needs a reading head: set --model.reading_head=true")
         self.model.validate()
         self.data.validate()
         m = self.model

@@ -145,8 +145,7 @@ class Trainer:
         if resume_from is not None and (resume_from / "zero").is_dir():
             # ds_to_universal's output: parameters stored whole, so any world size can load them.
             self.deepspeed_config["checkpoint"] = {"load_universal": True}
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = _optimizer(trainable, cfg, offload=_offloads_optimizer(self.deepspeed_config))
+        optimizer = _optimizer(self._param_groups(), cfg, offload=_offloads_optimizer(self.deepspeed_config))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
         self.model_engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_config)
@@ -185,6 +184,15 @@ class Trainer:
         model.set_activation_checkpointing(cfg.checkpointing)
         dist.print0(parameter_table(model))
         return model
+
+    def _param_groups(self) -> list[dict]:
+        """The trainable parameters: the GPT's at the recipe's lr, the vision side's (SAM, CLIP, projector) at
+        lr x vision_lr_scale. Frozen components are left out, so the optimizer never holds state for them."""
+        groups = [{"params": self.model.component_parameters("gpt"), "lr": self.cfg.lr},
+                  {"params": [p for name in COMPONENTS if name != "gpt" for p in self.model.component_parameters(name)],
+                   "lr": self.cfg.lr * self.cfg.vision_lr_scale}]
+        return [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups
+                if any(p.requires_grad for p in g["params"])]
 
     def _save_resolved_config(self) -> dict:
         """The run's whole configuration as it runs (recipe with model and data, DeepSpeed's config with "auto"
@@ -595,14 +603,14 @@ def _offloads_optimizer(ds: dict) -> bool:
     return ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
 
 
-def _optimizer(params: list, cfg: TrainConfig, offload: bool) -> torch.optim.Optimizer:
+def _optimizer(groups: list[dict], cfg: TrainConfig, offload: bool) -> torch.optim.Optimizer:
     """AdamW with the recipe's hyperparameters; DeepSpeed's CPU Adam when the optimizer state lives on CPU."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(params, fused=torch.cuda.is_available(), **kwargs)
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
 
 
 def _seed_everything(seed: int) -> None:

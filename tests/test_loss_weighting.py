@@ -8,7 +8,7 @@ import torch
 
 from test_train import BIN, free_port, run
 
-ARGS = ["--model.reading_head=2,4", "--reading_weight=0.1", "--global_batch=4"]
+ARGS = ["--model.reading_head=true", "--reading_weight=0.1", "--global_batch=4"]
 
 
 def step(out, ranks: int, micro_batch: int) -> dict:

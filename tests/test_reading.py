@@ -1,6 +1,7 @@
-"""Whether a model reads: the reading head's frame order and loss, the image-gap and vision-share diagnostics."""
+"""Whether a model reads: the reading head's loss, the vision norm, the image-gap and vision-share diagnostics."""
 
 import dataclasses
+import math
 import random
 
 import numpy as np
@@ -11,45 +12,42 @@ from ocr_vlm import config
 from ocr_vlm.config import ConfigError
 from ocr_vlm.diagnostics import BLIND_GAP, VisionShare, mismatched, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import BLANK, CLASSES, ReadingHead, reading_targets
+from ocr_vlm.model.reading import CLASSES, ReadingHead, VisionNorm, reading_targets
 from ocr_vlm.model.vlm import build_model
 
-CFG = dataclasses.replace(config.mini(), reading_head=(2, 4))
+CFG = dataclasses.replace(config.mini(), reading_head=True, vision_norm=True)
 
 
 def test_reading_targets_are_the_bytes_without_whitespace():
     assert reading_targets("aB 3\nxY") == list(b"aB3xY")
-    assert BLANK not in reading_targets("any text at all 0123")
 
 
-def test_frames_run_in_raster_order_over_sub_rows():
-    """Frame order: token row, sub-row, token column, sub-column — a text line crosses a whole sub-row of frames."""
-    grid, rows, cols = 3, 2, 4
-    head = ReadingHead(width=1, grid=grid, subframes=(rows, cols))
-    with torch.no_grad():    # class 0's logit = the token's index; class 1's = the sub-frame's index inside the token
+def test_the_reading_loss_is_the_cross_entropy_to_each_pages_byte_histogram():
+    head = ReadingHead(width=2)
+    with torch.no_grad():       # token logits: class "a" = feature 0, class "b" = feature 1, every other class 0
         head.proj.weight.zero_()
         head.proj.bias.zero_()
-        weight, bias = head.proj.weight.view(rows, cols, CLASSES), head.proj.bias.view(rows, cols, CLASSES)
-        weight[:, :, 0] = 1.0
-        bias[:, :, 1] = torch.arange(rows * cols, dtype=torch.float).view(rows, cols)
-    frames = head(torch.arange(grid * grid, dtype=torch.float).view(1, grid * grid, 1))[0]
-    expected = [(r * grid + c, a * cols + b) for r in range(grid) for a in range(rows) for c in range(grid)
-                for b in range(cols)]
-    assert [(int(f[0]), int(f[1])) for f in frames] == expected
+        head.proj.weight[ord("a"), 0] = head.proj.weight[ord("b"), 1] = 1.0
+    tokens = torch.tensor([[[3.0, 0.0], [0.0, 0.0]],            # page 0: one token says "a"
+                           [[0.0, 0.0], [0.0, 0.0]]])            # page 1: nothing
+    pooled = torch.stack([torch.stack([torch.logsumexp(tokens[n, :, f], 0) for f in (0, 1)]) for n in range(2)])
+    log_p = torch.full((2, CLASSES), math.log(2)).index_put_(      # 2 tokens of logit 0 pool to log 2
+        (torch.arange(2).repeat_interleave(2), torch.tensor([97, 98] * 2)), pooled.flatten()).log_softmax(-1)
+    # page 0 reads "aab" (histogram 2/3 a, 1/3 b); page 1 has no characters and adds zero to the mean
+    expected = -(2 / 3 * log_p[0, ord("a")] + 1 / 3 * log_p[0, ord("b")]) / 2
+    loss = head.loss(tokens, torch.tensor(reading_targets("a a b")), torch.tensor([3, 0]))
+    assert torch.allclose(loss, expected, atol=1e-6)
 
 
-def test_reading_loss_trains_the_towers_and_unalignable_pages_cost_nothing():
+def test_reading_loss_trains_the_towers_and_not_the_gpt():
     torch.manual_seed(0)
     model = build_model(CFG)
-    torch.nn.init.normal_(model.reading_head.proj.weight, std=0.02)    # as after a step: zero weights pass no grad
     ids = torch.tensor([[1] + [CFG.image_token_id] * CFG.image_tokens * 2 + [5, 6]])
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[0, -2] = 7
-    frames = CFG.vision_grid ** 2 * 8
-    text = torch.tensor(reading_targets("Ab3") + [ord("x")] * (frames + 1), dtype=torch.long)
     lm, reading = model(ids, targets=targets, pixel_values=torch.randn(2, 3, CFG.image_size, CFG.image_size),
-                        reading=(text, torch.tensor([3, frames + 1])))
-    assert torch.isfinite(reading) and reading > 0          # the second page (more bytes than frames) adds zero
+                        reading=(torch.tensor(reading_targets("Ab3 xy")), torch.tensor([3, 2])))
+    assert torch.isfinite(reading) and reading > 0
     reading.backward()
     for name in ("sam_model", "vision_model", "projector", "reading_head"):
         grads = [p.grad for p in getattr(model, name).parameters()]
@@ -57,17 +55,26 @@ def test_reading_loss_trains_the_towers_and_unalignable_pages_cost_nothing():
     assert model.gpt.lm_head.weight.grad is None             # the reading loss never reaches the GPT
 
 
-def test_a_new_head_emits_blank_everywhere_whatever_the_page():
-    head = ReadingHead(width=16, grid=2, subframes=(2, 4))
-    probs = head(torch.randn(3, 4, 16)).softmax(-1)
-    assert probs[..., BLANK].min() > 0.98 and torch.equal(probs[0], probs[1])
+def test_the_vision_norm_takes_away_any_gain_from_shrinking_what_varies_across_pages():
+    torch.manual_seed(0)
+    norm = VisionNorm(4, 8)
+    common = 5.0 * torch.randn(1, 4, 8)                      # a large part every page shares (position by position)
+    tokens = common + torch.randn(64, 4, 8)                  # and a page-dependent one
+    out = norm(tokens)
+    assert torch.allclose(norm(common + 0.1 * (tokens - common)), out, rtol=1e-3, atol=1e-3)   # shrunk tenfold: same
+    assert torch.allclose(out.mean(0), torch.zeros(4, 8), atol=1e-5)
+    assert torch.allclose(out.std(0, unbiased=False), torch.ones(4, 8), atol=1e-4)
+    tracked = norm.running_mean.clone(), norm.running_var.clone()
+    norm(torch.zeros(2, 4, 8), batch_statistics=False)        # blank stand-in images: statistics left alone
+    norm(tokens[:1])                                         # one page has no spread to measure: the same
+    assert torch.equal(norm.running_mean, tracked[0]) and torch.equal(norm.running_var, tracked[1])
+    norm.eval()                                              # evaluation: the tracked statistics, page by page
+    assert torch.allclose(norm(tokens[:1]), (tokens[:1] - tracked[0]) / (tracked[1] + norm.eps).sqrt(), atol=1e-6)
 
 
 def test_reading_weight_needs_a_reading_head():
     with pytest.raises(ConfigError, match="reading_weight"):
         config.TrainConfig(reading_weight=0.1).validate()
-    with pytest.raises(ConfigError, match="reading_head"):
-        dataclasses.replace(config.mini(), reading_head=(2,)).validate()
     config.TrainConfig(reading_weight=0.1, model=CFG).validate()
 
 

@@ -4,7 +4,8 @@
     cat(CLIP[:,1:], SAM tokens) ─ projector ─▶ (N,g²,D) ─ layout ─▶ N × (g·(g+1)+1, D)
     Gundam: the tiles (M,3,t,t) take the same towers ─▶ (M,t²,D); layout puts each image's tiles, stitched, first
     token embeddings with the <|image|> positions replaced, in order ─ gpt ─▶ loss or logits
-    (training only) (N,g²,D) ─ reading_head ─▶ CTC loss against the page's characters
+    (from scratch) the projected tokens ─ vision_norm ─▶ batch-normalised over the pages
+    (training only) (N,g²,D) ─ reading_head ─▶ loss against the page's byte histogram
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from ocr_vlm.config import COMPONENTS, TOWERS, VLMConfig
 from ocr_vlm.model.clip import ClipEncoder
 from ocr_vlm.model.gpt import GPT, chunked_cross_entropy
-from ocr_vlm.model.reading import ReadingHead
+from ocr_vlm.model.reading import ReadingHead, VisionNorm
 from ocr_vlm.model.sam import SamEncoder
 
 MEAN = STD = 0.5     # DeepSeek-OCR's ToTensor + Normalize; image.PAD_COLOR is this mean in uint8
@@ -50,18 +51,27 @@ class VLM(nn.Module):
         self.image_newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.view_separator = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.gpt = GPT(cfg.gpt)
-        # training-only: ties the vision tokens to the page's characters (model/reading.py)
-        self.reading_head = ReadingHead(width, cfg.vision_grid, cfg.reading_head) if cfg.reading_head else None
+        # for towers trained from scratch, and training-only: what keeps the towers from collapsing (model/reading.py)
+        # (one per view grid: Gundam's tiles have a token grid of their own)
+        views = {"global": cfg.vision_grid ** 2, **({"tile": cfg.tile_grid_side ** 2} if cfg.tile_size else {})}
+        self.vision_norm = nn.ModuleDict({view: VisionNorm(n, width) for view, n in views.items()}) \
+            if cfg.vision_norm else None
+        self.reading_head = ReadingHead(width) if cfg.reading_head else None
 
-    def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+    def vision_tokens(self, pixels: torch.Tensor, real: bool = True) -> torch.Tensor:
         """(N,3,S,S) uint8 pixels (or already normalised floats) -> (N, g², D): the projected token grid, row-major,
-        before the layout adds newlines."""
+        before the layout adds newlines. `real=False` marks a stand-in (a blank image): the vision norm then leaves
+        its statistics alone."""
         dtype = self.projector.layers.weight.dtype
         pixels = normalize(pixels, dtype) if pixels.dtype == torch.uint8 else pixels.to(dtype)
         sam = self.sam_model(pixels)
         clip = self.vision_model(sam)
         fused = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)   # CLIP first: projector weights depend on it
-        return self.projector(fused)
+        tokens = self.projector(fused)
+        if self.vision_norm is None:
+            return tokens
+        view = "global" if tokens.shape[1] == self.cfg.vision_grid ** 2 else "tile"
+        return self.vision_norm[view](tokens, batch_statistics=real)
 
     def layout(self, tokens: torch.Tensor, tiles: torch.Tensor | None = None,
                grids: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,7 +133,7 @@ class VLM(nn.Module):
 
         Gundam batches add `tile_values` (M,3,t,t), every image's tiles in order, and `tile_grids` (N,2).
         With `reading` = (the images' `reading_targets` concatenated, their lengths) it returns the pair
-        (cross-entropy, reading head's CTC loss over the global views); weighing the two is the trainer's business.
+        (cross-entropy, reading head's loss over the global views); weighing the two is the trainer's business.
 
         A text-only batch in training still runs the towers (and the reading head), on a blank image weighted by
         zero, at the same points as a batch with images; in Gundam mode a batch without tiles runs a blank tile the
@@ -136,9 +146,9 @@ class VLM(nn.Module):
             # Read on every rank alike: under ZeRO-3, touching a partitioned weight outside its module's forward
             # gathers it, a collective.
             dtype, device = self.projector.layers.weight.dtype, input_ids.device
-            vision = self.vision_tokens(pixel_values if images else blank(self.cfg.image_size, dtype, device))
+            vision = self.vision_tokens(pixel_values if images else blank(self.cfg.image_size, dtype, device), images)
             if self.cfg.tile_size:
-                tiles = self.vision_tokens(tile_values if tiled else blank(self.cfg.tile_size, dtype, device))
+                tiles = self.vision_tokens(tile_values if tiled else blank(self.cfg.tile_size, dtype, device), tiled)
         x = self.embed(input_ids, vision if images else None, tiles if tiled else None, tile_grids if tiled else None)
         # Blanks join the graph after the embedding, as real images do: ranks then run backward in the same order.
         unused = ([self.layout(vision)] if towers and not images else []) + \
