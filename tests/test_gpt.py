@@ -12,6 +12,8 @@ from ocr_vlm.config import GPTConfig
 from ocr_vlm.model.gpt import GPT, Documents
 from ocr_vlm.model.layers import attention
 
+from conftest import randomize
+
 SMALL = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=256)
 
 
@@ -35,10 +37,7 @@ def test_init_follows_nanochat_rule():
 def test_meta_build_then_to_empty_and_init_weights_is_usable():
     """Big models are built on meta; the non-persistent rotary tables must come back from init_weights."""
     torch.manual_seed(0)
-    direct = GPT(SMALL).eval()
-    with torch.no_grad():
-        for p in direct.parameters():
-            p.normal_(0, 0.1)
+    direct = randomize(GPT(SMALL).eval(), 0.1, seed=None)
     with torch.device("meta"):
         model = GPT(SMALL)
     model.to_empty(device="cpu")
