@@ -136,7 +136,7 @@ class PackedBatches(IterableDataset):
                 at += n
                 if ex.views is not None:
                     images.append(ex.views)
-                    reading.append(reading_targets(ex.response))     # the reading head's CTC target
+                    reading.append(reading_targets(ex.response))     # the reading head's target
                 counters["vision_samples" if ex.views is not None else "text_samples"] += 1
         batch["pixel_values"], batch["tile_values"], batch["tile_grids"] = stack_views(images, self.vlm)
         batch["reading_targets"] = torch.tensor([b for r in reading for b in r], dtype=torch.long)
