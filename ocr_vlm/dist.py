@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 
 def init() -> None:
@@ -18,6 +20,19 @@ def init() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed()
+    _unlink_shared_buffer()
+
+
+def _unlink_shared_buffer() -> None:
+    """DeepSpeed's CPU all-reduce gives each rank a 69 MB file in /dev/shm and never removes it: every CPU run left
+    ~140 MB of memory behind per rank pair until reboot (a test suite, ~4 GB). Once every rank has mapped every
+    other's (each rank's init waits for that; the barrier waits for every rank's init), the names can go: the
+    mappings live until the ranks exit, and nothing is left even when a rank is killed."""
+    if get_accelerator().device_name() != "cpu":
+        return
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank()}"
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def rank() -> int:
