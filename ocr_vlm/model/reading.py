@@ -14,7 +14,7 @@ to read, and the model never starts.
 - `ReadingHead` gives the towers a gradient of their own from the first step: every vision token's logits over
   bytes, pooled over the page (log-sum-exp), are trained towards the page's byte histogram. A token can only help
   by naming the character under it, so the tokens become position-independent character codes, which the GPT
-  then learns to read in order. Training only; nothing of it is exported.
+  then learns to read in order. Training only: it travels with the export, but generation never runs it.
 
 Classes are byte values of the UTF-8 text, whitespace removed (it has no ink).
 """
