@@ -51,8 +51,8 @@ class VLM(nn.Module):
         self.image_newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.view_separator = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.gpt = GPT(cfg.gpt)
-        # for towers trained from scratch, and training-only: what keeps the towers from collapsing (model/reading.py)
-        # (one per view grid: Gundam's tiles have a token grid of their own)
+        # what lets towers trained from scratch learn (model/reading.py): the norm, one per view grid (Gundam's tiles
+        # have a token grid of their own), and the training-only reading head
         views = {"global": cfg.vision_grid ** 2, **({"tile": cfg.tile_grid_side ** 2} if cfg.tile_size else {})}
         self.vision_norm = nn.ModuleDict({view: VisionNorm(n, width) for view, n in views.items()}) \
             if cfg.vision_norm else None
