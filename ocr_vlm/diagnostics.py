@@ -6,14 +6,21 @@
   energy. Towers that collapsed give every page the same tokens (share 0). Pooled (mean-over-tokens) similarity
   cannot tell: on pages of sparse text most tokens see background, so pooled vectors look alike even when the
   tokens over the ink differ.
+- With a reading head (model/reading.py), its loss against a uniform guess over the characters of the pages:
+  towers whose tokens vary from page to page but name no character yet sit at the guess, and then the GPT has
+  nothing to read, however long it trains.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 # Below this many nats per target token, the wrong image costs the model nothing worth the name.
 BLIND_GAP = 0.05
+# A reading head within this fraction of the uniform guess has found no character code worth the name.
+NO_CODE = 0.9
 
 
 def mismatched(pixels: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -54,3 +61,13 @@ def verdict(gap: float) -> str:
         return (f"NOT READING: the loss barely changes with another page's image (gap {gap:.3f} nats/token < "
                 f"{BLIND_GAP}); the model answers from the text alone")
     return f"reading: another page's image costs {gap:.3f} nats/token"
+
+
+def towers_verdict(reading_loss: float, classes: int) -> str:
+    """One line on the towers: the reading head's loss against a uniform guess over the `classes` characters of
+    the val pages (log classes nats)."""
+    uniform = math.log(max(classes, 1))
+    if reading_loss > NO_CODE * uniform:
+        return (f"NO CHARACTER CODE: the reading head's {reading_loss:.2f} nats is the uniform guess over the "
+                f"{classes} characters of the val pages ({uniform:.2f}); the towers don't tell them apart yet")
+    return f"the towers tell characters apart: reading head {reading_loss:.2f} nats against {uniform:.2f} for a guess"

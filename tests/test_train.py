@@ -20,8 +20,9 @@ from ocr_vlm.data.sample import read_examples
 from ocr_vlm.data.shards import text_record, write_shards
 from ocr_vlm.generation import Generator
 from ocr_vlm.image import stack_views
+from ocr_vlm.model.reading import reading_targets
 from ocr_vlm.report import evaluate
-from ocr_vlm.tokenizer import MINI_TOKENIZER
+from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 from ocr_vlm.train import deepspeed_config
 from ocr_vlm.weights import load_export
 from conftest import transformers_generate
@@ -90,13 +91,21 @@ def test_eval_on_val_shards_every_n_steps(zero2):
 
 
 def test_reading_head_and_tower_gradients_are_logged(tmp_path):
-    out = deepspeed(tmp_path, "--steps=2", "--model.reading_head=true", "--reading_weight=0.1")
-    steps = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    out = deepspeed(tmp_path, "--steps=2", "--model.reading_head=true", "--reading_weight=0.1", "--val_every=2",
+                    "--val_shards=shards/tier1")
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
     assert all(m["reading_loss"] > 0 for m in steps)
+    # at eval, the head's loss since the last one against a uniform guess over the characters the val pages hold
+    (val,) = [m for m in metrics if "eval/reading_loss_train" in m]
+    examples, _ = read_examples("shards/tier1", Tokenizer.load(MINI_TOKENIZER), config.mini())
+    assert val["eval/reading_classes"] == len({b for ex in examples for b in reading_targets(ex.response)})
+    assert val["eval/reading_loss_train"] == pytest.approx(sum(m["reading_loss"] for m in steps) / 2)   # their mean
+    assert "NO CHARACTER CODE" in out                                 # two steps have taught it nothing
     # after one update every component has a gradient (nanochat's zero-initialised output layers pass none at step 1)
     assert all(steps[-1][f"grad_norm/{name}"] > 0 for name in ("sam", "clip", "projector", "gpt"))
     assert "reading " in out and "(sam " in out
-    model, _ = load_export(tmp_path / "export")     # the head travels with the export, strictly loaded
+    model, tokenizer = load_export(tmp_path / "export")     # the head travels with the export, strictly loaded
     cfg = model.cfg
     assert cfg.reading_head and model.reading_head is not None
 
