@@ -105,7 +105,7 @@ def test_reading_head_and_tower_gradients_are_logged(tmp_path):
     # after one update every component has a gradient (nanochat's zero-initialised output layers pass none at step 1)
     assert all(steps[-1][f"grad_norm/{name}"] > 0 for name in ("sam", "clip", "projector", "gpt"))
     assert "reading " in out and "(sam " in out
-    model, tokenizer = load_export(tmp_path / "export")     # the head travels with the export, strictly loaded
+    model, _ = load_export(tmp_path / "export")     # the head travels with the export, strictly loaded
     cfg = model.cfg
     assert cfg.reading_head and model.reading_head is not None
 
