@@ -157,3 +157,18 @@ def test_d20_encoder_shapes_per_mode_on_meta(mode, grid):
     assert model.sam_model(pixels).shape == (2, 1024, grid, grid)
     assert model.vision_model(model.sam_model(pixels)).shape == (2, 1 + grid * grid, 1024)
     assert model.encode_images(pixels).shape == (2, grid * (grid + 1) + 1, 1280)
+
+
+def test_mini16_gives_a_16x16_token_grid_and_keeps_sam_local():
+    cfg = config.preset("mini16")
+    model = build_model(cfg).eval()
+    pixels = torch.rand(2, 3, 256, 256) * 2 - 1
+    assert model.encode_images(pixels).shape == (2, 16 * 17 + 1, cfg.gpt.n_embd)
+    # SAM attends within 8x8-patch (32 px) windows only, so ink in the top-left window leaves the far corner's
+    # compressed tokens as they were (CLIP's layers are what see the whole page).
+    changed = pixels.clone()
+    changed[:, :, :32, :32] = -1
+    with torch.no_grad():
+        before, after = model.sam_model(pixels), model.sam_model(changed)
+    assert before.shape == (2, 128, 16, 16)
+    assert torch.equal(before[..., 8:, 8:], after[..., 8:, 8:]) and not torch.equal(before, after)
