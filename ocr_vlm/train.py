@@ -119,7 +119,7 @@ def recipe_help() -> str:
     """--help's list of every recipe key with its default (mini preset, stage 1) and what the other presets change."""
     base = dict((key, value) for key, value, _ in cli.keys(cli.train_config([])))
     lines = ["recipe options, --key=value (defaults: --preset=mini --stage=1):", cli.help_text(cli.train_config([]))]
-    for arg in ("--stage=2", "--preset=d20"):
+    for arg in ("--stage=2", "--preset=d20", "--preset=mini16"):
         other = cli.keys(cli.train_config([arg, "--data.text_shards=TEXT"]))
         changed = [f"{key}={cli.show(value)}" for key, value, _ in other if value != base[key] and value != "TEXT"]
         lines.append(f"{arg} changes: {', '.join(changed)}")

@@ -79,3 +79,4 @@ def test_help_lists_every_key_with_its_default_and_a_doc(capsys):
         assert doc, key
         assert f"--{key}={cli.show(value)}" in out and doc in out, key
     assert "--stage=2 changes: " in out and "lr=3e-05" in out
+    assert "--preset=mini16 changes: " in out and "model.sam.patch_size=4" in out
