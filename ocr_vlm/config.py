@@ -208,7 +208,7 @@ def mini() -> VLMConfig:
 def mini16() -> VLMConfig:
     """mini with a 16x16 token grid (273 embeddings) for small text: 4 px patches, where mini's 32 px tokens each hold
     two characters of a 24 px line, a code towers trained from scratch take far longer to learn. SAM attends within
-    its 8x8 windows only: global attention over 64x64 patches would cost more than the rest of the step, and CLIP's
+    its 8x8 windows only: mini's two global blocks over 64x64 patches would make the towers 10x slower, and CLIP's
     layers still see the whole page."""
     small = mini()
     return replace(small, sam=replace(small.sam, patch_size=4, global_attn_indexes=()),
