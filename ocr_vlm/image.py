@@ -187,10 +187,12 @@ def rgb_array(source: bytes | str | Path | Image.Image) -> np.ndarray:
 
 class Views(NamedTuple):
     """What one image becomes: the global view (3, S, S), its tiles (n, 3, t, t) row-major, and the tile grid
-    (w_t, h_t); (1, 1) means no tiles (every fixed mode, and Gundam pages within one tile)."""
+    (w_t, h_t); (1, 1) means no tiles (every fixed mode, and Gundam pages within one tile). `size` is the source
+    image's (width, height)."""
     global_view: torch.Tensor
     tiles: torch.Tensor
     grid: tuple[int, int]
+    size: tuple[int, int]
 
 
 def tile_grid(width: int, height: int, cfg: VLMConfig) -> tuple[int, int]:
@@ -223,7 +225,23 @@ def load_views(source: bytes | str | Path | Image.Image, cfg: VLMConfig) -> View
     grid = tile_grid(pixels.shape[2], pixels.shape[1], cfg)
     tiles = cut_tiles(pixels, grid, cfg.tile_size) if grid != (1, 1) else \
         torch.zeros(0, 3, cfg.tile_size, cfg.tile_size, dtype=torch.uint8)
-    return Views(fit_square_pixels(pixels, cfg.image_size, cfg.image_resize), tiles, grid)
+    return Views(fit_square_pixels(pixels, cfg.image_size, cfg.image_resize), tiles, grid,
+                 (pixels.shape[2], pixels.shape[1]))
+
+
+def token_cells(points: list[tuple[float, float]], size: tuple[int, int], cfg: VLMConfig) -> list[int]:
+    """The global view's token (row-major in its vision_grid² grid) over each (x, y) point of a source image of
+    `size` (width, height), placed as `fit_square` places the image."""
+    width, height = size
+    side, grid = cfg.image_size, cfg.vision_grid
+    if cfg.image_resize == "pad":
+        w, h = contained_size(width, height, side)
+        left, top = round((side - w) / 2), round((side - h) / 2)
+    else:
+        w, h, left, top = side, side, 0, 0
+    def cell(at: float, offset: int, scale: float) -> int:
+        return min(max(int((offset + at * scale) * grid // side), 0), grid - 1)
+    return [cell(y, top, h / height) * grid + cell(x, left, w / width) for x, y in points]
 
 
 def stack_views(views: list[Views], cfg: VLMConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ from ocr_vlm.data.sample import read_examples
 from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.diagnostics import VisionShare, mismatched, towers_verdict, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import CLASSES
+from ocr_vlm.model.reading import CLASSES, positioned_pages
 from ocr_vlm.model.vlm import build_model, parameter_table
 from ocr_vlm.metrics import scores
 from ocr_vlm.report import read_back
@@ -161,7 +161,7 @@ class Trainer:
         self.divergence = DivergenceGuard(cfg.diverge_steps, cfg.diverge_loss)
         self.bad_in_a_row = 0              # non-finite micro-batch losses in a row, across steps
         self.read_examples = None          # (tokenizer, this rank's share of the pages val_read reads back)
-        self.recent_reading: list[float] = []   # reading-head loss of each step since the last validation
+        self.recent_reading = [0.0, 0]     # reading-head loss summed over the steps since the last validation, steps
         self.tracker = Tracker(self.out, resolved, enabled=self.rank == 0, use_wandb=cfg.wandb,
                                project=cfg.wandb_project, run_name=cfg.run_name, resume=resume_from is not None)
         self.frozen_before = {n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad} \
@@ -279,7 +279,8 @@ class Trainer:
         out = self.model_engine(tensors["input_ids"], targets=tensors["targets"],
                           pixel_values=pixels,
                           position_ids=tensors["position_ids"], doc_ids=tensors["doc_ids"],
-                          reading=(tensors["reading_targets"], tensors["reading_lengths"]) if reading else None,
+                          reading=(tensors["reading_targets"], tensors["reading_lengths"], tensors["reading_cells"])
+                          if reading else None,
                           tile_values=tensors["tile_values"],
                           tile_grids=tensors["tile_grids"])
         return out if reading else (out, None)
@@ -325,7 +326,8 @@ class Trainer:
         self.samples_seen, self.train_seconds = metrics["samples_seen"], self.train_seconds + dt
         if self.cfg.reading_weight:
             metrics["reading_loss"] = reading_mean
-            self.recent_reading.append(reading_mean)      # the towers' verdict at the next validation
+            self.recent_reading = [self.recent_reading[0] + reading_mean, self.recent_reading[1] + 1]   # for the
+            # towers' verdict at the next validation
         if self.peak:
             metrics["mfu"] = train_flops / dt / (self.peak * self.world)
         if self.rank == 0 and self._logs(self.step):
@@ -352,8 +354,10 @@ class Trainer:
         batches = iter(Loader(val_data, self.cfg.model, self.tokenizer_path, self.rank, self.world, finite=True,
                               batch_rows=self.cfg.micro_batch))
         self.model_engine.eval()
-        # own and other image loss x tokens, tokens; which bytes the pages hold (the reading head's classes)
+        # own and other image loss x tokens, tokens; which bytes the pages hold (the reading head's classes); pages
+        # whose characters' positions are known, pages
         total, classes, last = torch.zeros(3, dtype=torch.float64), torch.zeros(CLASSES, dtype=torch.float64), None
+        pages = torch.zeros(2, dtype=torch.float64)
         share = VisionShare(self.cfg.model.vision_grid ** 2, self.cfg.model.gpt.n_embd)
         while True:
             batch = next(batches, None)
@@ -368,6 +372,7 @@ class Trainer:
             total += torch.tensor([own.float().item() * n, other.float().item() * n, n], dtype=torch.float64)
             if weight:
                 classes[batch["reading_targets"]] = 1
+                pages += torch.tensor([positioned_pages(batch["reading_lengths"], batch["reading_cells"]), len(batch["reading_lengths"])], dtype=torch.float64)
             pixels = batch["pixel_values"].to(self.device)
             if weight and len(pixels):
                 share.add(self.model_engine.module.vision_tokens(pixels))
@@ -375,7 +380,7 @@ class Trainer:
                 self.model_engine.module.vision_tokens(pixels)     # the collective gathers every rank takes part in
             last = batch
         total, share.moments = self._sum_over_ranks(total), self._sum_over_ranks(share.moments)
-        classes = self._sum_over_ranks(classes)
+        classes, pages = self._sum_over_ranks(classes), self._sum_over_ranks(pages)
         self.model_engine.train()
         tokens = total[2].clamp(min=1)
         result = {"eval/loss": (total[0] / tokens).item(), "eval/loss_other_image": (total[1] / tokens).item(),
@@ -384,14 +389,15 @@ class Trainer:
         dist.print0(f"step {self.step:05d} | val loss {result['eval/loss']:.4f} over {int(total[2])} target tokens | "
                     f"with another page's image {result['eval/loss_other_image']:.4f} | image-dependent share of "
                     f"vision tokens {result['eval/vision_share']:.4f} | {verdict(result['eval/image_gap'])}")
-        if self.recent_reading:
+        if self.recent_reading[1]:
             # The head as trained: under the norm's batch statistics. Evaluation's tracked statistics would measure
             # how far those lag behind towers that move fast, not whether the towers tell characters apart.
-            result["eval/reading_loss_train"] = sum(self.recent_reading) / len(self.recent_reading)
+            result["eval/reading_loss_train"] = self.recent_reading[0] / self.recent_reading[1]
             result["eval/reading_classes"] = int((classes > 0).sum())
-            self.recent_reading = []
-            dist.print0(f"step {self.step:05d} | "
-                        f"{towers_verdict(result['eval/reading_loss_train'], result['eval/reading_classes'])}")
+            result["eval/positioned"] = (pages[0] / pages[1].clamp(min=1)).item()
+            self.recent_reading = [0.0, 0]
+            dist.print0(f"step {self.step:05d} | " + towers_verdict(
+                result["eval/reading_loss_train"], result["eval/reading_classes"], result["eval/positioned"]))
         predictions = []
         if self.cfg.val_read:
             read, predictions = self._read_back()

@@ -1,17 +1,18 @@
 """Image processing: every PIL mode a user's page may have, EXIF orientation, padding, clear errors, and the fast
 resize's tolerance against DeepSeek-OCR's PIL preprocessing."""
 
+import dataclasses
 import io
 import random
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ocr_vlm import config
 from ocr_vlm.data import render
-from ocr_vlm.image import PAD_COLOR, load_array, load_image, load_pixels, plain_png
+from ocr_vlm.image import PAD_COLOR, load_array, load_image, load_pixels, load_views, plain_png, token_cells
 from ocr_vlm.model.vlm import normalize
 from ocr_vlm.rejected import Rejected
 
@@ -150,3 +151,14 @@ def test_mode_token_counts_follow_the_config():
         counts[mode] = cfg.image_tokens
     assert counts == {"tiny": 73, "small": 111, "base": 273, "large": 421}
     assert config.mini().image_tokens == 73
+
+
+@pytest.mark.parametrize("resize", ["pad", "resize"])
+def test_token_cells_find_a_mark_where_the_global_view_puts_it(resize):
+    cfg = dataclasses.replace(config.mini16(), image_resize=resize)
+    image = Image.new("RGB", (400, 240), "white")
+    ImageDraw.Draw(image).rectangle((290, 60, 301, 71), fill="black")      # centred on (295.5, 65.5)
+    views = load_views(encode(image, "PNG"), cfg)
+    side = cfg.image_size // cfg.vision_grid
+    black = (views.global_view.float().mean(0) < 64).float().unfold(0, side, side).unfold(1, side, side).sum((2, 3))
+    assert token_cells([(295.5, 65.5)], views.size, cfg) == [int(black.argmax())]    # not the padding's grey

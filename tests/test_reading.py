@@ -1,6 +1,7 @@
 """Whether a model reads: the reading head's loss, the vision norm, the image-gap and vision-share diagnostics."""
 
 import dataclasses
+import json
 import math
 import random
 
@@ -10,10 +11,15 @@ import torch
 
 from ocr_vlm import config
 from ocr_vlm.config import ConfigError
+from ocr_vlm.data.render import READING_SETS, page_record, reading_page
+from ocr_vlm.data.sample import decode
 from ocr_vlm.diagnostics import BLIND_GAP, VisionShare, mismatched, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import CLASSES, ReadingHead, VisionNorm, reading_targets
+from ocr_vlm.model.reading import BACKGROUND, CLASSES, ReadingHead, VisionNorm, positioned_pages, reading_cells, \
+    reading_targets
 from ocr_vlm.model.vlm import build_model
+from ocr_vlm.rejected import Rejected
+from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 
 CFG = dataclasses.replace(config.mini(), reading_head=True, vision_norm=True)
 
@@ -37,6 +43,42 @@ def test_the_reading_loss_is_the_cross_entropy_to_each_pages_byte_histogram():
     expected = -(2 / 3 * log_p[0, ord("a")] + 1 / 3 * log_p[0, ord("b")]) / 2
     loss = head.loss(tokens, torch.tensor(reading_targets("a a b")), torch.tensor([3, 0]))
     assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_reading_cells_give_every_byte_its_characters_token():
+    assert reading_cells("a\u00e9 b", [4, 5, 9]) == [4, 5, 5, 9]       # é is two bytes, both under its token
+    assert reading_cells("a\u00e9 b", None) == [-1] * 4
+    assert positioned_pages(torch.tensor([2, 0, 3]), torch.tensor([4, 5, -1, -1, -1])) == 1
+
+
+def test_with_positions_each_token_is_trained_on_the_character_centred_on_it():
+    torch.manual_seed(0)
+    head = ReadingHead(width=4)
+    tokens = torch.randn(2, 3, 4)
+    # page 0 knows its positions: "a" under token 0, "b" under token 2, token 1 is background;
+    # page 1 does not ("b" somewhere): the bag, as without positions
+    loss = head.loss(tokens, torch.tensor(reading_targets("a b") + reading_targets("b")), torch.tensor([2, 1]),
+                     torch.tensor(reading_cells("a b", [0, 2]) + reading_cells("b", None)))
+    log_p = head.proj(tokens).log_softmax(-1)
+    per_token = -(log_p[0, 0, ord("a")] + log_p[0, 2, ord("b")]) / 2 - log_p[0, 1, BACKGROUND]
+    bag = -head.proj(tokens[1]).logsumexp(0).log_softmax(-1)[ord("b")]
+    assert torch.allclose(loss, (per_token + bag) / 2, atol=1e-6)
+
+
+def test_a_rendered_page_knows_which_token_each_character_is_under():
+    cfg = config.mini16()
+    page = reading_page(random.Random(3), READING_SETS["page"])
+    example = decode({"__key__": "p", "json": json.dumps(page_record("p", page, "t").meta).encode(),
+                      "png": page.encoded()[0]}, Tokenizer.load(MINI_TOKENIZER), cfg)
+    side = cfg.image_size // cfg.vision_grid
+    darkness = 255 - example.views.global_view.float().mean(0).unfold(0, side, side).unfold(1, side, side)
+    ink = darkness.flatten(0, 1).amax((1, 2))                 # each token's darkest pixel against the paper
+    assert len(example.cells) == len("".join(page.text.split()))
+    assert ink[example.cells].min() > 100 and ink.median() < 60          # every character's token holds ink
+    bad = page_record("p", page, "t").meta | {"chars": page.chars[:-1]}
+    with pytest.raises(Rejected, match="field 'chars' must list one box per non-whitespace character"):
+        decode({"__key__": "p", "json": json.dumps(bad).encode(), "png": page.encoded()[0]},
+               Tokenizer.load(MINI_TOKENIZER), cfg)
 
 
 def test_reading_loss_trains_the_towers_and_not_the_gpt():

@@ -48,6 +48,7 @@ class Page:
     kind: str
     image: Image.Image
     text: str
+    chars: list[list[float]] | None = None   # reading pages: each non-whitespace character's box [x0, y0, x1, y1]
 
     @property
     def prompt(self) -> str:
@@ -225,7 +226,8 @@ def reading_line(rng: random.Random, n: int, spec: ReadingSet) -> str:
 
 def reading_page(rng: random.Random, spec: ReadingSet) -> Page:
     """Dark ink on a light background; the block of lines and each line's start placed at random, lines read top
-    to bottom. A draw whose widest line would not fit the page is redrawn."""
+    to bottom. A draw whose widest line would not fit the page is redrawn. The page keeps every character's inked
+    box, in reading order: where the reading head learns each glyph (model/reading.py)."""
     margin = 4
     while True:
         face = reading_font(rng.choice(READING_FONTS), rng.randint(*spec.px))
@@ -240,10 +242,13 @@ def reading_page(rng: random.Random, spec: ReadingSet) -> Page:
     image = Image.new("RGB", (spec.side, spec.side), paper)
     draw = ImageDraw.Draw(image)
     top = rng.randint(margin, max(margin, spec.side - height - margin))
+    chars = []
     for i, (line, width) in enumerate(zip(lines, widths)):
-        left = rng.randint(margin, int(spec.side - width - margin))
-        draw.text((left, top + i * pitch), line, font=face, fill=ink)
-    return Page("reading", image, "\n".join(lines))
+        left, y = rng.randint(margin, int(spec.side - width - margin)), top + i * pitch
+        draw.text((left, y), line, font=face, fill=ink)
+        chars += [[round(v, 1) for v in draw.textbbox((left + face.getlength(line[:j]), y), ch, font=face)]
+                  for j, ch in enumerate(line) if not ch.isspace()]
+    return Page("reading", image, "\n".join(lines), chars)
 
 
 def write_reading(spec: ReadingSet, n: int, seed: int, out_dir: str | Path) -> dict:
@@ -269,6 +274,8 @@ def tier1_pages() -> list[Page]:
 def page_record(key: str, page: Page, source: str) -> Record:
     data, ext = page.encoded()
     meta = {"id": key, "prompt": page.prompt, "response": page.text, "source": source, "type": page.kind}
+    if page.chars is not None:
+        meta["chars"] = page.chars
     return Record(key, meta, data, ext)
 
 

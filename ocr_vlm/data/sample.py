@@ -14,7 +14,7 @@ from typing import Iterator
 
 from ocr_vlm.config import VLMConfig
 from ocr_vlm.data.stream import ShardSet, read_range
-from ocr_vlm.image import IMAGE_MEMBERS, Views, load_views
+from ocr_vlm.image import IMAGE_MEMBERS, Views, load_views, token_cells
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import Tokenizer
@@ -30,6 +30,8 @@ class Example:
     response: str = ""
     image: bytes = b""                # vision samples: the encoded page, for reports
     type: str = ""                    # the sample's free `type` metadata (receipt, chart, ...): reports break down by it
+    cells: list[int] | None = None    # the global view's token under each non-whitespace character of the response
+                                      # (the centres of the sample's `chars` boxes); None when it has none
 
 
 def with_response(fields: dict) -> dict:
@@ -77,8 +79,22 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Example:
     # A multi-turn page is evaluated (and read by the reading head) by its first exchange.
     user, assistant = first_exchange(messages)
     kind = meta.get("type")
+    cells = token_cells(character_centres(meta["chars"], assistant), views.size, vlm) if "chars" in meta else None
     return Example(key, ids[:-1], _targets(ids, mask), views, user, assistant, sample[image_key],
-                   kind if isinstance(kind, str) else "")
+                   kind if isinstance(kind, str) else "", cells)
+
+
+def character_centres(chars, response: str) -> list[tuple[float, float]]:
+    """The centre of each box of a sample's `chars` field: one [x0, y0, x1, y1] in source pixels per non-whitespace
+    character of the (first) response, in order."""
+    expected = len("".join(response.split()))
+    if not isinstance(chars, list) or len(chars) != expected:
+        raise Rejected("bad_fields", f"field 'chars' must list one box per non-whitespace character of the "
+                                     f"response ({expected}), got {len(chars) if isinstance(chars, list) else chars!r}")
+    for box in chars:
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise Rejected("bad_fields", f"field 'chars': {box!r} is not a box [x0, y0, x1, y1]")
+    return [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in chars]
 
 
 def first_exchange(messages: list[dict]) -> tuple[str, str]:

@@ -12,9 +12,14 @@ to read, and the model never starts.
   it gains nothing and the collapse has no gradient; whatever varies from page to page reaches the GPT at unit
   scale. Evaluation and generation use the running statistics, as batch norm does.
 - `ReadingHead` gives the towers a gradient of their own from the first step: every vision token's logits over
-  bytes, pooled over the page (log-sum-exp), are trained towards the page's byte histogram. A token can only help
-  by naming the character under it, so the tokens become position-independent character codes, which the GPT
-  then learns to read in order. Training only: it travels with the export, but generation never runs it.
+  bytes. Where the data says where each character is (rendered pages keep every glyph's box, the shards' `chars`),
+  each token is trained towards the bytes of the characters centred on it, or towards "no character" (class 0:
+  NUL is never ink), the two kinds of token weighed alike; most of a page is background. Without positions the
+  logits are pooled over the page (log-sum-exp) and trained towards its byte histogram: a token can then only help
+  by naming the character under it, but which token that is the head has to find out, a far weaker signal (a
+  per-token code takes hundreds of steps more to start). Either way the tokens become position-independent
+  character codes, which the GPT then learns to read in order. Training only: it travels with the export, but
+  generation never runs it.
 
 Classes are byte values of the UTF-8 text, whitespace removed (it has no ink).
 """
@@ -25,11 +30,27 @@ import torch
 from torch import nn
 
 CLASSES = 256
+BACKGROUND = 0       # the class of a token centred on no character
 
 
 def reading_targets(text: str) -> list[int]:
     """The bytes a page's reading head is trained on: its text's UTF-8 bytes without whitespace."""
     return list("".join(text.split()).encode("utf-8"))
+
+
+def reading_cells(text: str, cells: list[int] | None) -> list[int]:
+    """The token under each of `reading_targets(text)`'s bytes: its character's `cells` entry (one per
+    non-whitespace character), or -1 for every byte of a page without positions."""
+    chars = "".join(text.split())
+    if cells is None:
+        return [-1] * len(chars.encode("utf-8"))
+    return [cell for char, cell in zip(chars, cells) for _ in char.encode("utf-8")]
+
+
+def positioned_pages(lengths: torch.Tensor, cells: torch.Tensor) -> int:
+    """How many of a batch's pages (their `reading_targets` lengths, the bytes' cells) know where their characters are."""
+    page = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return int(page[cells >= 0].unique().numel())
 
 
 class VisionNorm(nn.Module):
@@ -63,14 +84,31 @@ class ReadingHead(nn.Module):
         self.proj = nn.Linear(width, CLASSES)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, tokens, D) -> (N, CLASSES): each page's log-probabilities of which byte a character on it is."""
-        return self.proj(tokens).float().logsumexp(1).log_softmax(-1)
+        """(N, tokens, D) -> (N, tokens, CLASSES): every token's logits, in fp32."""
+        return self.proj(tokens).float()
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Mean over the pages of the cross-entropy from each page's byte histogram to its prediction; `targets`
-        holds every page's `reading_targets` concatenated. A page without characters adds zero."""
-        page = torch.repeat_interleave(torch.arange(len(lengths), device=targets.device), lengths)
-        counts = torch.zeros(len(lengths), CLASSES, device=targets.device).index_put_(
-            (page, targets), torch.ones(len(targets), device=targets.device), accumulate=True)
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
+             cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over the pages of each page's loss. `targets` holds every page's `reading_targets` concatenated and
+        `cells` (aligned with it, or None) each byte's `reading_cells`. A page whose cells are known: the
+        cross-entropy of each token to the bytes centred on it (or to BACKGROUND), averaged over its tokens with
+        characters plus that over the rest. Any other page: the cross-entropy from its byte histogram to the
+        pooled prediction; a page without characters adds zero."""
+        n, device = len(lengths), targets.device
+        logits = self(tokens)
+        page = torch.repeat_interleave(torch.arange(n, device=device), lengths)
+        ones = torch.ones(len(targets), device=device)
+        counts = torch.zeros(n, CLASSES, device=device).index_put_((page, targets), ones, accumulate=True)
         histogram = counts / lengths.clamp(min=1).unsqueeze(1)
-        return -(histogram * self(tokens)).sum(-1).mean()
+        losses = -(histogram * logits.logsumexp(1).log_softmax(-1)).sum(-1)
+        if cells is None or not (cells >= 0).any():
+            return losses.mean()
+        known = cells >= 0
+        placed = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, page[known], True)
+        grid = torch.zeros(*logits.shape, device=device).index_put_(
+            (page[known], cells[known], targets[known]), ones[known], accumulate=True)
+        ink = grid.sum(-1) > 0
+        grid[..., BACKGROUND] += (~ink).float()
+        token_loss = -(grid / grid.sum(-1, keepdim=True) * logits.log_softmax(-1)).sum(-1)
+        per_token = sum((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1) for mask in (ink, ~ink))
+        return torch.where(placed, per_token, losses).mean()
