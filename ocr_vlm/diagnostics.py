@@ -6,9 +6,8 @@
   energy. Towers that collapsed give every page the same tokens (share 0). Pooled (mean-over-tokens) similarity
   cannot tell: on pages of sparse text most tokens see background, so pooled vectors look alike even when the
   tokens over the ink differ.
-- With a reading head (model/reading.py), its loss against a blind guess: the uniform one over the characters of
-  the pages, plus, for each token of a page with known positions, an even guess at whether it holds a character.
-  Towers whose tokens vary from page to page but name no character yet sit at the guess, and then the GPT has
+- With a reading head (model/reading.py), its loss against a uniform guess over the characters of the pages:
+  towers whose tokens vary from page to page but name no character yet sit at the guess, and then the GPT has
   nothing to read, however long it trains.
 """
 
@@ -64,17 +63,12 @@ def verdict(gap: float) -> str:
     return f"reading: another page's image costs {gap:.3f} nats/token"
 
 
-def blind_guess(classes: int, positioned: float = 0.0) -> float:
-    """The reading head's loss for towers that see nothing, on pages of `classes` characters, a `positioned` share
-    of them with known positions: log classes, plus 2 log 2 on a positioned page (a blind token splits evenly between
-    a character and background, and the page's loss counts the tokens with characters and the rest alike)."""
-    return math.log(max(classes, 1)) + positioned * 2 * math.log(2)
-
-
-def towers_verdict(reading_loss: float, classes: int, positioned: float = 0.0) -> str:
-    """One line on the towers: the reading head's loss against `blind_guess`."""
-    guess = blind_guess(classes, positioned)
-    if reading_loss > NO_CODE * guess:
-        return (f"NO CHARACTER CODE: the reading head's {reading_loss:.2f} nats is a blind guess at the "
-                f"{classes} characters of the val pages ({guess:.2f}); the towers don't tell them apart yet")
-    return f"the towers tell characters apart: reading head {reading_loss:.2f} nats against {guess:.2f} for a guess"
+def towers_verdict(reading_loss: float, classes: int) -> str:
+    """One line on the towers: the reading head's loss against a uniform guess over the `classes` characters of
+    the val pages (log classes nats). Trained per token (pages with known positions), the head's other half, ink or
+    background, is learnt within steps by any towers: what is left for towers that name no character is the same."""
+    uniform = math.log(max(classes, 1))
+    if reading_loss > NO_CODE * uniform:
+        return (f"NO CHARACTER CODE: the reading head's {reading_loss:.2f} nats is the uniform guess over the "
+                f"{classes} characters of the val pages ({uniform:.2f}); the towers don't tell them apart yet")
+    return f"the towers tell characters apart: reading head {reading_loss:.2f} nats against {uniform:.2f} for a guess"

@@ -46,7 +46,7 @@ from ocr_vlm.data.sample import read_examples
 from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.diagnostics import VisionShare, mismatched, towers_verdict, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import CLASSES, positioned_pages
+from ocr_vlm.model.reading import CLASSES
 from ocr_vlm.model.vlm import build_model, parameter_table
 from ocr_vlm.metrics import scores
 from ocr_vlm.report import read_back
@@ -354,10 +354,8 @@ class Trainer:
         batches = iter(Loader(val_data, self.cfg.model, self.tokenizer_path, self.rank, self.world, finite=True,
                               batch_rows=self.cfg.micro_batch))
         self.model_engine.eval()
-        # own and other image loss x tokens, tokens; which bytes the pages hold (the reading head's classes); pages
-        # whose characters' positions are known, pages
+        # own and other image loss x tokens, tokens; which bytes the pages hold (the reading head's classes)
         total, classes, last = torch.zeros(3, dtype=torch.float64), torch.zeros(CLASSES, dtype=torch.float64), None
-        pages = torch.zeros(2, dtype=torch.float64)
         share = VisionShare(self.cfg.model.vision_grid ** 2, self.cfg.model.gpt.n_embd)
         while True:
             batch = next(batches, None)
@@ -372,7 +370,6 @@ class Trainer:
             total += torch.tensor([own.float().item() * n, other.float().item() * n, n], dtype=torch.float64)
             if weight:
                 classes[batch["reading_targets"]] = 1
-                pages += torch.tensor([positioned_pages(batch["reading_lengths"], batch["reading_cells"]), len(batch["reading_lengths"])], dtype=torch.float64)
             pixels = batch["pixel_values"].to(self.device)
             if weight and len(pixels):
                 share.add(self.model_engine.module.vision_tokens(pixels))
@@ -380,7 +377,7 @@ class Trainer:
                 self.model_engine.module.vision_tokens(pixels)     # the collective gathers every rank takes part in
             last = batch
         total, share.moments = self._sum_over_ranks(total), self._sum_over_ranks(share.moments)
-        classes, pages = self._sum_over_ranks(classes), self._sum_over_ranks(pages)
+        classes = self._sum_over_ranks(classes)
         self.model_engine.train()
         tokens = total[2].clamp(min=1)
         result = {"eval/loss": (total[0] / tokens).item(), "eval/loss_other_image": (total[1] / tokens).item(),
@@ -394,10 +391,9 @@ class Trainer:
             # how far those lag behind towers that move fast, not whether the towers tell characters apart.
             result["eval/reading_loss_train"] = self.recent_reading[0] / self.recent_reading[1]
             result["eval/reading_classes"] = int((classes > 0).sum())
-            result["eval/positioned"] = (pages[0] / pages[1].clamp(min=1)).item()
             self.recent_reading = [0.0, 0]
-            dist.print0(f"step {self.step:05d} | " + towers_verdict(
-                result["eval/reading_loss_train"], result["eval/reading_classes"], result["eval/positioned"]))
+            dist.print0(f"step {self.step:05d} | "
+                        f"{towers_verdict(result['eval/reading_loss_train'], result['eval/reading_classes'])}")
         predictions = []
         if self.cfg.val_read:
             read, predictions = self._read_back()

@@ -2,6 +2,7 @@
 single large digits (the reading set a few CPU minutes can teach). Any change that blinds the model fails here."""
 
 import json
+import math
 
 import pytest
 from rapidfuzz.distance import Levenshtein
@@ -9,7 +10,7 @@ from rapidfuzz.distance import Levenshtein
 from ocr_vlm import config
 from ocr_vlm.data.render import READING_SETS, write_reading
 from ocr_vlm.data.sample import read_examples
-from ocr_vlm.diagnostics import NO_CODE, blind_guess
+from ocr_vlm.diagnostics import NO_CODE
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 from test_train import BIN, free_port, run
 
@@ -40,7 +41,5 @@ def test_a_model_trained_from_scratch_reads_digits_it_has_never_seen(tmp_path):
     texts = [ex.response for ex in examples]
     # measured: gap 1.91 nats/token, head 1.23 nats vs 2.30, CER 0.77 against 0.85 blind, exact 0.23 (blind: gap 0)
     assert final["eval/image_gap"] > 0.5            # another page's image costs it: it looks at its own
-    assert final["eval/positioned"] == 1.0                   # the rendered pages know where their digits are
-    guess = blind_guess(final["eval/reading_classes"], final["eval/positioned"])
-    assert final["eval/reading_loss_train"] < NO_CODE * guess   # towers name digits
+    assert final["eval/reading_loss_train"] < NO_CODE * math.log(final["eval/reading_classes"])   # towers name digits
     assert final["eval/cer"] < blind_cer(texts) - 0.05

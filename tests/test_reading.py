@@ -15,8 +15,7 @@ from ocr_vlm.data.render import READING_SETS, page_record, reading_page
 from ocr_vlm.data.sample import decode
 from ocr_vlm.diagnostics import BLIND_GAP, VisionShare, mismatched, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import BACKGROUND, CLASSES, ReadingHead, VisionNorm, positioned_pages, reading_cells, \
-    reading_targets
+from ocr_vlm.model.reading import BACKGROUND, CLASSES, ReadingHead, VisionNorm, reading_cells, reading_targets
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
@@ -48,7 +47,6 @@ def test_the_reading_loss_is_the_cross_entropy_to_each_pages_byte_histogram():
 def test_reading_cells_give_every_byte_its_characters_token():
     assert reading_cells("a\u00e9 b", [4, 5, 9]) == [4, 5, 5, 9]       # é is two bytes, both under its token
     assert reading_cells("a\u00e9 b", None) == [-1] * 4
-    assert positioned_pages(torch.tensor([2, 0, 3]), torch.tensor([4, 5, -1, -1, -1])) == 1
 
 
 def test_with_positions_each_token_is_trained_on_the_character_centred_on_it():

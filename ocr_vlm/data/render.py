@@ -48,7 +48,7 @@ class Page:
     kind: str
     image: Image.Image
     text: str
-    chars: list[list[float]] | None = None   # reading pages: each non-whitespace character's box [x0, y0, x1, y1]
+    chars: list[list[float]] | None = None   # reading pages: each non-whitespace character's [x0, y0, x1, y1]
 
     @property
     def prompt(self) -> str:
@@ -246,8 +246,11 @@ def reading_page(rng: random.Random, spec: ReadingSet) -> Page:
     for i, (line, width) in enumerate(zip(lines, widths)):
         left, y = rng.randint(margin, int(spec.side - width - margin)), top + i * pitch
         draw.text((left, y), line, font=face, fill=ink)
-        chars += [[round(v, 1) for v in draw.textbbox((left + face.getlength(line[:j]), y), ch, font=face)]
-                  for j, ch in enumerate(line) if not ch.isspace()]
+        # a character's box: its advance along the line, the line's inked height (so a line's characters share
+        # one row of tokens, whatever their ascenders and descenders)
+        _, ink_top, _, ink_bottom = draw.textbbox((left, y), line, font=face)
+        chars += [[round(left + face.getlength(line[:j]), 1), ink_top, round(left + face.getlength(line[:j + 1]), 1),
+                   ink_bottom] for j, ch in enumerate(line) if not ch.isspace()]
     return Page("reading", image, "\n".join(lines), chars)
 
 

@@ -47,12 +47,6 @@ def reading_cells(text: str, cells: list[int] | None) -> list[int]:
     return [cell for char, cell in zip(chars, cells) for _ in char.encode("utf-8")]
 
 
-def positioned_pages(lengths: torch.Tensor, cells: torch.Tensor) -> int:
-    """How many of a batch's pages (their `reading_targets` lengths, the bytes' cells) know where their characters are."""
-    page = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    return int(page[cells >= 0].unique().numel())
-
-
 class VisionNorm(nn.Module):
     """Affine-free batch norm of (N, positions, D) vision tokens: each position's channels over the batch's pages,
     in fp32. Per position, because most of a page is background: a channel's spread over positions is mostly where
