@@ -95,6 +95,22 @@ def test_reading_loss_trains_the_towers_and_not_the_gpt():
     assert model.gpt.lm_head.weight.grad is None             # the reading loss never reaches the GPT
 
 
+def test_the_reading_head_reads_a_page_the_same_whatever_shares_its_batch():
+    torch.manual_seed(0)
+    model = build_model(CFG).train()          # with the vision norm, whose batch statistics mix the pages
+    ids = torch.tensor([[1] + [CFG.image_token_id] * CFG.image_tokens * 2 + [5, 6]])
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[0, -2] = 7
+    pixels = torch.randint(0, 256, (3, 3, CFG.image_size, CFG.image_size), dtype=torch.uint8)
+    # page 0 reads "ab" at tokens 5 and 6; its batch mate has no characters, so adds zero
+    reading = (torch.tensor(reading_targets("ab")), torch.tensor([2, 0]), torch.tensor(reading_cells("ab", [5, 6])))
+    _, alone = model(ids, targets=targets, pixel_values=pixels[[0, 1]], reading=reading)
+    _, with_another = model(ids, targets=targets, pixel_values=pixels[[0, 2]], reading=reading)
+    assert torch.allclose(alone, with_another)          # page 0's code is its own
+    gpt_reads = [model.vision_tokens(pixels[pair])[0] for pair in ([0, 1], [0, 2])]
+    assert not torch.allclose(*gpt_reads)               # while the GPT's tokens are normalised with the batch
+
+
 def test_the_vision_norm_takes_away_any_gain_from_shrinking_what_varies_across_pages():
     torch.manual_seed(0)
     norm = VisionNorm(4, 8)

@@ -5,7 +5,7 @@
     Gundam: the tiles (M,3,t,t) take the same towers ─▶ (M,t²,D); layout puts each image's tiles, stitched, first
     token embeddings with the <|image|> positions replaced, in order ─ gpt ─▶ loss or logits
     (from scratch) the projected tokens ─ vision_norm ─▶ batch-normalised over the pages
-    (training only) (N,g²,D) ─ reading_head ─▶ loss against the page's byte histogram
+    (training only) the projected tokens (N,g²,D) ─ reading_head ─▶ loss against the page's characters
 """
 
 from __future__ import annotations
@@ -59,15 +59,22 @@ class VLM(nn.Module):
         self.reading_head = ReadingHead(width) if cfg.reading_head else None
 
     def vision_tokens(self, pixels: torch.Tensor, real: bool = True) -> torch.Tensor:
-        """(N,3,S,S) uint8 pixels (or already normalised floats) -> (N, g², D): the projected token grid, row-major,
-        before the layout adds newlines. `real=False` marks a stand-in (a blank image): the vision norm then leaves
-        its statistics alone."""
+        """(N,3,S,S) uint8 pixels (or already normalised floats) -> (N, g², D): the token grid the GPT reads,
+        row-major, before the layout adds newlines. `real=False` marks a stand-in (a blank image): the vision norm
+        then leaves its statistics alone."""
+        return self.norm_tokens(self.projected_tokens(pixels), real)
+
+    def projected_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N,3,S,S) pixels -> (N, g², D): the towers' projected tokens, before the vision norm."""
         dtype = self.projector.layers.weight.dtype
         pixels = normalize(pixels, dtype) if pixels.dtype == torch.uint8 else pixels.to(dtype)
         sam = self.sam_model(pixels)
         clip = self.vision_model(sam)
         fused = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)   # CLIP first: projector weights depend on it
-        tokens = self.projector(fused)
+        return self.projector(fused)
+
+    def norm_tokens(self, tokens: torch.Tensor, real: bool = True) -> torch.Tensor:
+        """The vision norm of projected tokens (N, g² or t², D), when the model has one."""
         if self.vision_norm is None:
             return tokens
         view = "global" if tokens.shape[1] == self.cfg.vision_grid ** 2 else "tile"
@@ -146,7 +153,10 @@ class VLM(nn.Module):
             # Read on every rank alike: under ZeRO-3, touching a partitioned weight outside its module's forward
             # gathers it, a collective.
             dtype, device = self.projector.layers.weight.dtype, input_ids.device
-            vision = self.vision_tokens(pixel_values if images else blank(self.cfg.image_size, dtype, device), images)
+            # the reading head reads the tokens before the norm: batch centring would give every background token
+            # a code that depends on which pages share its batch
+            projected = self.projected_tokens(pixel_values if images else blank(self.cfg.image_size, dtype, device))
+            vision = self.norm_tokens(projected, images)
             if self.cfg.tile_size:
                 tiles = self.vision_tokens(tile_values if tiled else blank(self.cfg.tile_size, dtype, device), tiled)
         x = self.embed(input_ids, vision if images else None, tiles if tiled else None, tile_grids if tiled else None)
@@ -162,8 +172,8 @@ class VLM(nn.Module):
         if reading is None:
             return loss
         if images:
-            return loss, self.reading_head.loss(vision, *reading)
-        return loss, (0.0 * self.reading_head(vision).sum() if self.training else loss * 0.0)
+            return loss, self.reading_head.loss(projected, *reading)
+        return loss, (0.0 * self.reading_head(projected).sum() if self.training else loss * 0.0)
 
     def freeze(self, components: tuple[str, ...]) -> None:
         """requires_grad=False on the named components; an optimizer then only ever sees the trainable rest."""
