@@ -124,16 +124,23 @@ def unknown_resize(resize: str) -> ValueError:
 
 def fit_square_pixels(pixels: torch.Tensor, size: int, resize: str) -> torch.Tensor:
     """`fit_square` on (3, H, W) uint8 pixels, computed by torch: the same modes, sizes and placement."""
-    if resize == "pad":
-        width, height = contained_size(pixels.shape[2], pixels.shape[1], size)
-        # Planar like bicubic()'s output, so pasting copies whole rows (into (H, W, 3) it would transpose, ~3 ms).
-        canvas = torch.tensor(PAD_COLOR, dtype=torch.uint8)[:, None, None].expand(3, size, size).contiguous()
-        if width and height:                  # ImageOps.pad leaves a page thinner than half a pixel out; so do we
-            top, left = round((size - height) / 2), round((size - width) / 2)   # ImageOps.pad's centring
-            canvas[:, top:top + height, left:left + width] = bicubic(pixels, height, width)
-        return canvas
+    left, top, width, height = placement(pixels.shape[2], pixels.shape[1], size, resize)
     if resize == "resize":
         return bicubic(pixels, size, size)
+    # Planar like bicubic()'s output, so pasting copies whole rows (into (H, W, 3) it would transpose, ~3 ms).
+    canvas = torch.tensor(PAD_COLOR, dtype=torch.uint8)[:, None, None].expand(3, size, size).contiguous()
+    if width and height:                      # ImageOps.pad leaves a page thinner than half a pixel out; so do we
+        canvas[:, top:top + height, left:left + width] = bicubic(pixels, height, width)
+    return canvas
+
+
+def placement(width: int, height: int, size: int, resize: str) -> tuple[int, int, int, int]:
+    """Where `fit_square` puts a width x height page in its size x size square: (left, top, width, height)."""
+    if resize == "pad":
+        w, h = contained_size(width, height, size)
+        return round((size - w) / 2), round((size - h) / 2), w, h   # ImageOps.pad's centring
+    if resize == "resize":
+        return 0, 0, size, size
     raise unknown_resize(resize)
 
 
@@ -234,11 +241,8 @@ def token_cells(points: list[tuple[float, float]], size: tuple[int, int], cfg: V
     `size` (width, height), placed as `fit_square` places the image."""
     width, height = size
     side, grid = cfg.image_size, cfg.vision_grid
-    if cfg.image_resize == "pad":
-        w, h = contained_size(width, height, side)
-        left, top = round((side - w) / 2), round((side - h) / 2)
-    else:
-        w, h, left, top = side, side, 0, 0
+    left, top, w, h = placement(width, height, side, cfg.image_resize)
+
     def cell(at: float, offset: int, scale: float) -> int:
         return min(max(int((offset + at * scale) * grid // side), 0), grid - 1)
     return [cell(y, top, h / height) * grid + cell(x, left, w / width) for x, y in points]

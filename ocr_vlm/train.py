@@ -326,8 +326,8 @@ class Trainer:
         self.samples_seen, self.train_seconds = metrics["samples_seen"], self.train_seconds + dt
         if self.cfg.reading_weight:
             metrics["reading_loss"] = reading_mean
-            self.recent_reading = [self.recent_reading[0] + reading_mean, self.recent_reading[1] + 1]   # for the
-            # towers' verdict at the next validation
+            self.recent_reading[0] += reading_mean          # the towers' verdict at the next validation
+            self.recent_reading[1] += 1
         if self.peak:
             metrics["mfu"] = train_flops / dt / (self.peak * self.world)
         if self.rank == 0 and self._logs(self.step):

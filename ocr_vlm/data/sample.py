@@ -16,6 +16,7 @@ from ocr_vlm.config import VLMConfig
 from ocr_vlm.data.stream import ShardSet, read_range
 from ocr_vlm.image import IMAGE_MEMBERS, Views, load_views, token_cells
 from ocr_vlm.model.gpt import IGNORE_INDEX
+from ocr_vlm.model.reading import inked
 from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import Tokenizer
 
@@ -87,7 +88,7 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Example:
 def character_centres(chars, response: str) -> list[tuple[float, float]]:
     """The centre of each box of a sample's `chars` field: one [x0, y0, x1, y1] in source pixels per non-whitespace
     character of the (first) response, in order."""
-    expected = len("".join(response.split()))
+    expected = len(inked(response))
     if not isinstance(chars, list) or len(chars) != expected:
         raise Rejected("bad_fields", f"field 'chars' must list one box per non-whitespace character of the "
                                      f"response ({expected}), got {len(chars) if isinstance(chars, list) else chars!r}")

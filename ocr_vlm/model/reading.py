@@ -35,15 +35,20 @@ CLASSES = 256
 BACKGROUND = 0       # the class of a token centred on no character
 
 
+def inked(text: str) -> str:
+    """The characters of a text that leave ink: all but whitespace."""
+    return "".join(text.split())
+
+
 def reading_targets(text: str) -> list[int]:
     """The bytes a page's reading head is trained on: its text's UTF-8 bytes without whitespace."""
-    return list("".join(text.split()).encode("utf-8"))
+    return list(inked(text).encode("utf-8"))
 
 
 def reading_cells(text: str, cells: list[int] | None) -> list[int]:
-    """The token under each of `reading_targets(text)`'s bytes: its character's `cells` entry (one per
-    non-whitespace character), or -1 for every byte of a page without positions."""
-    chars = "".join(text.split())
+    """The token under each of `reading_targets(text)`'s bytes: its character's `cells` entry (one per `inked`
+    character), or -1 for every byte of a page without positions."""
+    chars = inked(text)
     if cells is None:
         return [-1] * len(chars.encode("utf-8"))
     return [cell for char, cell in zip(chars, cells) for _ in char.encode("utf-8")]
