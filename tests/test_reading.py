@@ -97,7 +97,7 @@ def test_reading_loss_trains_the_towers_and_not_the_gpt():
 
 def test_the_reading_head_reads_a_page_the_same_whatever_shares_its_batch():
     torch.manual_seed(0)
-    model = build_model(CFG).train()          # with the vision norm, whose batch statistics mix the pages
+    model = build_model(CFG).train()          # with the vision norm, whose statistics every batch moves
     ids = torch.tensor([[1] + [CFG.image_token_id] * CFG.image_tokens * 2 + [5, 6]])
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[0, -2] = 7
@@ -107,25 +107,28 @@ def test_the_reading_head_reads_a_page_the_same_whatever_shares_its_batch():
     _, alone = model(ids, targets=targets, pixel_values=pixels[[0, 1]], reading=reading)
     _, with_another = model(ids, targets=targets, pixel_values=pixels[[0, 2]], reading=reading)
     assert torch.allclose(alone, with_another)          # page 0's code is its own
-    gpt_reads = [model.vision_tokens(pixels[pair])[0] for pair in ([0, 1], [0, 2])]
-    assert not torch.allclose(*gpt_reads)               # while the GPT's tokens are normalised with the batch
 
 
-def test_the_vision_norm_takes_away_any_gain_from_shrinking_what_varies_across_pages():
+def test_the_vision_norm_standardises_pages_and_reads_them_alike_in_training_and_evaluation():
     torch.manual_seed(0)
     norm = VisionNorm(4, 8)
     common = 5.0 * torch.randn(1, 4, 8)                      # a large part every page shares (position by position)
-    tokens = common + torch.randn(64, 4, 8)                  # and a page-dependent one
+    pages = lambda scale: common + scale * torch.randn(64, 4, 8)   # and a page-dependent one
+    for _ in range(100):
+        norm(pages(1.0))
+    tokens = pages(1.0)
     out = norm(tokens)
-    assert torch.allclose(norm(common + 0.1 * (tokens - common)), out, rtol=1e-3, atol=1e-3)   # shrunk tenfold: same
-    assert torch.allclose(out.mean(0), torch.zeros(4, 8), atol=1e-5)
-    assert torch.allclose(out.std(0, unbiased=False), torch.ones(4, 8), atol=1e-4)
+    assert out.mean(0).abs().max() < 0.5 and (out.std(0, unbiased=False) - 1).abs().max() < 0.5
+    for _ in range(100):                                     # shrink what varies tenfold: once the statistics
+        norm(pages(0.1))                                     # have caught up, nothing is gained
+    assert (norm(pages(0.1)).std(0, unbiased=False) - 1).abs().max() < 0.5
     tracked = norm.running_mean.clone(), norm.running_var.clone()
     norm(torch.zeros(2, 4, 8), batch_statistics=False)        # blank stand-in images: statistics left alone
     norm(tokens[:1])                                         # one page has no spread to measure: the same
     assert torch.equal(norm.running_mean, tracked[0]) and torch.equal(norm.running_var, tracked[1])
-    norm.eval()                                              # evaluation: the tracked statistics, page by page
-    assert torch.allclose(norm(tokens[:1]), (tokens[:1] - tracked[0]) / (tracked[1] + norm.eps).sqrt(), atol=1e-6)
+    trained = norm(tokens[:1])
+    norm.eval()                                              # evaluation reads a page as training did
+    assert torch.equal(norm(tokens[:1]), trained)
 
 
 def test_reading_weight_needs_a_reading_head():

@@ -4,7 +4,7 @@
     cat(CLIP[:,1:], SAM tokens) ─ projector ─▶ (N,g²,D) ─ layout ─▶ N × (g·(g+1)+1, D)
     Gundam: the tiles (M,3,t,t) take the same towers ─▶ (M,t²,D); layout puts each image's tiles, stitched, first
     token embeddings with the <|image|> positions replaced, in order ─ gpt ─▶ loss or logits
-    (from scratch) the projected tokens ─ vision_norm ─▶ batch-normalised over the pages
+    (from scratch) the projected tokens ─ vision_norm ─▶ standardised over the pages, per position
     (training only) the projected tokens (N,g²,D) ─ reading_head ─▶ loss against the page's characters
 """
 
@@ -153,8 +153,7 @@ class VLM(nn.Module):
             # Read on every rank alike: under ZeRO-3, touching a partitioned weight outside its module's forward
             # gathers it, a collective.
             dtype, device = self.projector.layers.weight.dtype, input_ids.device
-            # the reading head reads the tokens before the norm: batch centring would give every background token
-            # a code that depends on which pages share its batch
+            # the reading head reads the tokens before the norm, so its code does not move with the statistics
             projected = self.projected_tokens(pixel_values if images else blank(self.cfg.image_size, dtype, device))
             vision = self.norm_tokens(projected, images)
             if self.cfg.tile_size:
