@@ -1,6 +1,7 @@
 """How fast the GPT side alone learns to read a line when every vision token already names its character.
 
-    python bench/reading_gpt.py [--steps 1000] [--copy_steps 800] [--lr 1e-2] [--threads 1]   (about 25 min per arm)
+    python bench/reading_gpt.py [--arm ...] [--steps 1000] [--copy_steps 800] [--lr 1e-2] [--threads 1]
+    (about 25 min per arm of 1000 steps)
 
 The towers' side of reading is what the reading head measures; this bench takes it away. Each page of the line set
 (`READING_SETS["line"]`: one line of 4-8 characters at random places) becomes perfect vision tokens: a fixed random
@@ -8,16 +9,19 @@ code for each character on the token its centre falls in (`token_cells`, as the 
 background code everywhere else, through a trainable linear map in the projector's place; the mini16 GPT and its
 newline/separator embeddings learn to answer "Free OCR." with the line, 28 pages a step, AdamW at `--lr`.
 
-Two arms: the GPT from scratch, as `make read` starts it, and the same GPT first trained `--copy_steps` steps on
-text alone to repeat a line back (the user's turn holds the line, the answer repeats it): the copying a pretrained
-nanochat arrives with. Printed every 50 steps: held-out loss per answer token and teacher-forced token accuracy
-(the end token included; a model that reads nothing gets about 0.15 of the tokens right: the end, and chance).
-Not a timing: it measures steps to learn, so it runs the arms one after the other.
+Arms: `scratch`, the GPT from scratch; `copy`, the same GPT first trained `--copy_steps` steps on text alone to
+repeat a line back (the user's turn holds the line, the answer repeats it): the copying a pretrained nanochat
+arrives with; `pointer`, from scratch with the pointer's loss (model/reading.py) added; `pointer_previous`, the
+pointer with codes that also name the previous character, as the reading head's second readout trains the real
+towers to. Printed every 50 steps: held-out loss per answer token and teacher-forced token accuracy (the end token
+included; a model that reads nothing gets about 0.15 of the tokens right: the end, and chance), and with the
+pointer the attention it pays to the right token. Not a timing: it measures steps to learn; run arms one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 
 import torch
@@ -26,10 +30,10 @@ import torch.nn.functional as F
 from harness import fix_threads
 from ocr_vlm import config
 from ocr_vlm.data.render import READING_SETS, reading_line, reading_page
-from ocr_vlm.data.sample import character_centres
+from ocr_vlm.data.sample import character_centres, pointer_pairs
 from ocr_vlm.image import token_cells
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import inked
+from ocr_vlm.model.reading import POINTER_HEAD, inked, pointer_layer, pointer_loss
 from ocr_vlm.model.vlm import VLM, build_model
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 
@@ -53,22 +57,28 @@ def padded(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch
 class Pages:
     """Line pages as (ids, targets, perfect vision codes)."""
 
-    def __init__(self, cfg: config.VLMConfig, tokenizer: Tokenizer, seed: int):
-        self.cfg, self.tokenizer, self.rng = cfg, tokenizer, random.Random(seed)
+    def __init__(self, cfg: config.VLMConfig, tokenizer: Tokenizer, seed: int, previous: bool):
+        self.cfg, self.tokenizer, self.rng, self.previous = cfg, tokenizer, random.Random(seed), previous
         generator = torch.Generator().manual_seed(0)
-        self.codes = torch.randn(BACKGROUND_CODE + 1, cfg.gpt.n_embd, generator=generator)
+        self.codes, self.previous_codes = torch.randn(2, BACKGROUND_CODE + 1, cfg.gpt.n_embd, generator=generator)
 
-    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows, vision = [], []
-        for _ in range(n):
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, targets, vision codes, the pointer's pairs (row, position, vision position, page))."""
+        rows, vision, pairs = [], [], []
+        for row in range(n):
             page = reading_page(self.rng, LINE)
             cells = token_cells(character_centres(page.chars, page.text), page.image.size, self.cfg)
             codes = self.codes[BACKGROUND_CODE].repeat(self.cfg.vision_grid ** 2, 1)
+            before = BACKGROUND_CODE
             for char, cell in zip(inked(page.text), cells):
-                codes[cell] = self.codes[ord(char)]
-            rows.append(self.tokenizer.render_sample(PROMPT, page.text, self.cfg.image_tokens))
+                codes[cell] = self.codes[ord(char)] + (self.previous_codes[before] if self.previous else 0)
+                before = ord(char)
+            ids, mask = self.tokenizer.render_sample(PROMPT, page.text, self.cfg.image_tokens)
+            pairs += [(row, query, key, row) for query, key in
+                      pointer_pairs(self.tokenizer, ids, page.text, cells, 0, self.cfg.vision_grid)]
+            rows.append((ids, mask))
             vision.append(codes)
-        return *padded(rows), torch.stack(vision)
+        return *padded(rows), torch.stack(vision), torch.tensor(pairs)
 
     def copy_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Text only: the user's turn holds a line, the answer repeats it."""
@@ -77,14 +87,21 @@ class Pages:
                                                            {"role": "assistant", "content": line}]) for line in lines])
 
 
-def answer_loss(model: VLM, ids: torch.Tensor, targets: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    logits = model.gpt.logits(model.gpt.hidden(x)).float()
+def answer_loss(model: VLM, ids: torch.Tensor, targets: torch.Tensor, x: torch.Tensor,
+                pairs: torch.Tensor | None = None) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(answer loss, teacher-forced accuracy, the pointer's loss: 0 without `pairs`)."""
+    if pairs is None:
+        h, pointer = model.gpt.hidden(x), x.new_zeros(())
+    else:
+        h, log_attention = model.gpt.hidden(x, attention=(pointer_layer(model.cfg.gpt), POINTER_HEAD, pairs[:, :3]))
+        pointer = pointer_loss(log_attention, pairs[:, 3], len(ids))
+    logits = model.gpt.logits(h).float()
     supervised = targets != IGNORE_INDEX
     accuracy = (logits.argmax(-1)[supervised] == targets[supervised]).float().mean().item()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX), accuracy
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX), accuracy, pointer
 
 
-def arm(name: str, copy_steps: int, steps: int, lr: float) -> None:
+def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previous: bool) -> None:
     cfg = config.mini16()
     tokenizer = Tokenizer.load(MINI_TOKENIZER)
     torch.manual_seed(0)
@@ -92,7 +109,7 @@ def arm(name: str, copy_steps: int, steps: int, lr: float) -> None:
     projector = torch.nn.Linear(cfg.gpt.n_embd, cfg.gpt.n_embd)
     gpt_side = model.component_parameters("gpt") + [model.image_newline, model.view_separator]
     optimizer = torch.optim.AdamW(gpt_side + list(projector.parameters()), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    train, held_out = Pages(cfg, tokenizer, seed=1), Pages(cfg, tokenizer, seed=2)
+    train, held_out = Pages(cfg, tokenizer, 1, previous), Pages(cfg, tokenizer, 2, previous)
     val = held_out.batch(100)
 
     def step(loss: torch.Tensor) -> None:
@@ -102,19 +119,21 @@ def arm(name: str, copy_steps: int, steps: int, lr: float) -> None:
 
     for i in range(1, copy_steps + 1):
         ids, targets = train.copy_batch(PAGES)
-        loss, _ = answer_loss(model, ids, targets, model.gpt.embed(ids))
+        loss, _, _ = answer_loss(model, ids, targets, model.gpt.embed(ids))
         step(loss)
         if i % 200 == 0:
             print(f"{name}: copy step {i:4d} | loss {loss.item():.3f}", flush=True)
     for i in range(1, steps + 1):
-        ids, targets, vision = train.batch(PAGES)
-        step(answer_loss(model, ids, targets, model.embed(ids, projector(vision)))[0])
+        ids, targets, vision, pairs = train.batch(PAGES)
+        loss, _, pointing = answer_loss(model, ids, targets, model.embed(ids, projector(vision)),
+                                        pairs if pointer else None)
+        step(loss + pointing)
         if i % 50 == 0:
             with torch.no_grad():
-                ids, targets, vision = val
-                loss, accuracy = answer_loss(model, ids, targets, model.embed(ids, projector(vision)))
-            print(f"{name}: step {i:4d} | held-out loss {loss.item():.3f} | teacher-forced accuracy {accuracy:.3f}",
-                  flush=True)
+                ids, targets, vision, pairs = val
+                loss, accuracy, pointing = answer_loss(model, ids, targets, model.embed(ids, projector(vision)), pairs)
+            print(f"{name}: step {i:4d} | held-out loss {loss.item():.3f} | teacher-forced accuracy {accuracy:.3f} | "
+                  f"attention on the character's token {math.exp(-pointing.item()):.2f}", flush=True)
 
 
 def main() -> None:
@@ -123,13 +142,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000, help="steps on line pages (default %(default)s)")
     p.add_argument("--copy_steps", type=int, default=800, help="the second arm's text-copy steps first (%(default)s)")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW lr (default %(default)s)")
-    p.add_argument("--arm", choices=("scratch", "copy", "both"), default="both")
+    p.add_argument("--arm", choices=ARMS, default="pointer_previous")
     args = p.parse_args()
     fix_threads(args.threads)
-    if args.arm in ("scratch", "both"):
-        arm("from scratch", 0, args.steps, args.lr)
-    if args.arm in ("copy", "both"):
-        arm(f"after {args.copy_steps} copy steps", args.copy_steps, args.steps, args.lr)
+    copy_steps, pointer, previous = ARMS[args.arm]
+    arm(args.arm, copy_steps * args.copy_steps, args.steps, args.lr, pointer, previous)
+
+
+ARMS = {  # name: (copy steps first (x --copy_steps), the pointer's loss, codes naming the previous character)
+    "scratch": (0, False, False),
+    "copy": (1, False, False),
+    "pointer": (0, True, False),
+    "pointer_previous": (0, True, True),
+}
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ class VLMConfig:
     image_token_id: int = 65536   # <|image|>: appended after the tokenizer's own vocabulary
     vision_norm: bool = False     # batch-norm the vision tokens over pages (model/reading.py): for towers trained from scratch
     reading_head: bool = False    # training-only bag-of-characters loss on the vision tokens (model/reading.py)
+    reading_pointer: bool = False  # training-only: one GPT head points at the character it writes (model/reading.py)
     tile_size: int = 0            # Gundam's local tile side (0: fixed mode, global view only)
     min_crops: int = 2            # Gundam tile grids hold min_crops..max_crops tiles (the paper trained up to 9)
     max_crops: int = 6            # Gundam's most tiles per page
@@ -172,6 +173,8 @@ class VLMConfig:
                f"{self.tile_size} is not a multiple of sam.patch_size*4 = {s.patch_size * 4}")
         _check(self.min_crops >= 2, "min_crops", f"{self.min_crops} is below 2 (a 1x1 grid means no tiles)")
         _check(self.max_crops >= self.min_crops, "max_crops", f"{self.max_crops} is below min_crops={self.min_crops}")
+        _check(self.reading_head or not self.reading_pointer, "reading_pointer",
+               "trains with the reading head's data: set reading_head=true too")
         _check(g.sequence_len > self.max_image_tokens, "gpt.sequence_len",
                f"{g.sequence_len} leaves no room for text after {self.max_image_tokens} image embeddings")
         return self
@@ -266,7 +269,7 @@ class TrainConfig:
     decay_every: int = 2000       # step schedule: steps between decays
     decay_factor: float = 0.1     # step schedule: lr multiplier at each decay
     weight_decay: float = 0.0     # AdamW weight decay
-    reading_weight: float = 0.0   # weight of the reading head's loss (needs model.reading_head); 0 = off
+    reading_weight: float = 0.0   # weight of the reading head's (and pointer's) loss (needs model.reading_head); 0 = off
     beta1: float = 0.9            # AdamW beta1
     beta2: float = 0.95           # AdamW beta2
     freeze: tuple[str, ...] = ()  # components kept bit-identical: sam, clip, projector, gpt

@@ -102,6 +102,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
 
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """Each token's bytes (a token may hold part of a character's UTF-8)."""
+        return self.enc.decode_tokens_bytes(ids)
+
     # ------------------------------------------------------------------------------------------------------------
     def render_sample(self, prompt: str, response: str, image_tokens: int) -> tuple[list[int], list[int]]:
         """One OCR sample; targets only on the response and its end token."""

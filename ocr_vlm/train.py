@@ -46,7 +46,7 @@ from ocr_vlm.data.sample import read_examples
 from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.diagnostics import VisionShare, mismatched, towers_verdict, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import CLASSES
+from ocr_vlm.model.reading import CLASSES, Reading
 from ocr_vlm.model.vlm import build_model, parameter_table
 from ocr_vlm.metrics import scores
 from ocr_vlm.report import read_back
@@ -238,19 +238,21 @@ class Trainer:
         row does. DeepSpeed would divide by gas (skipped here: scale_wrt_gas=False) and averages gradients over the
         ranks (undone by x world size). `inspect` runs on the step's gradient, before the update; a micro-batch
         whose loss is non-finite on any rank is replaced from `spares` on every rank.
-        Returns (this rank's (token loss sum, reading loss sum), counters, micro-batches skipped, inspect's result)."""
+        Returns (this rank's (token, reading head, pointer) loss sums, counters, micro-batches skipped, inspect's
+        result)."""
         reading_on = self.cfg.reading_weight > 0
         local = [[b["counters"].get("target_tokens", 0), b["counters"].get("vision_samples", 0)] for b in micro_batches]
         step_tokens, step_images = (max(x, 1.0) for x in
                                     self._sum_over_ranks(torch.tensor(local, dtype=torch.float64).sum(0)).tolist())
         queue, done, skipped, result = list(micro_batches), 0, 0, None
-        sums, counters = torch.zeros(2, dtype=torch.float64, device=self.device), {}
+        sums, counters = torch.zeros(3, dtype=torch.float64, device=self.device), {}
         while done < self.gas:
             batch = queue.pop(0) if queue else next(spares)
             n, i = (batch["counters"].get(k, 0) for k in ("target_tokens", "vision_samples"))
-            lm, reading = self._forward(batch, reading=reading_on)
-            token_sum, reading_sum = lm * n, (reading * i if reading_on else lm * 0)   # model losses are means
-            loss = self.world * (token_sum / step_tokens + self.cfg.reading_weight * reading_sum / step_images)
+            lm, *reading = self._forward(batch, reading=reading_on)
+            # model losses are means: the token loss per token, the reading head's and the pointer's per image
+            token_sum, reading_sums = lm * n, (torch.stack(reading) * i if reading_on else lm.new_zeros(2))
+            loss = self.world * (token_sum / step_tokens + self.cfg.reading_weight * reading_sums.sum() / step_images)
             if dist.any_rank_non_finite(loss):
                 # Every rank drops this micro-batch together (no backward, no engine.step), so the optimizer never
                 # sees a non-finite gradient; a fresh one takes its place (weighted by the step's count as drawn).
@@ -266,21 +268,22 @@ class Trainer:
             if done == self.gas and inspect is not None:
                 result = inspect()              # the step's gradient exists only until it is taken
             self.model_engine.step()
-            sums += torch.stack([token_sum.detach(), reading_sum.detach()]).double()
+            sums += torch.cat([token_sum.detach().view(1), reading_sums.detach()]).double()
             for k, v in batch["counters"].items():
                 counters[k] = counters.get(k, 0) + v
         return sums, counters, skipped, result
 
     def _forward(self, batch: dict, pixels: torch.Tensor | None = None, reading: bool = False):
-        """(cross-entropy, reading loss or None). `pixels` replaces the batch's global views (the mismatched-image
-        check; Gundam tiles stay the page's own, their count is fixed by the placeholders)."""
+        """(cross-entropy, reading head's loss, pointer's loss), or (cross-entropy, None) without `reading`.
+        `pixels` replaces the batch's global views (the mismatched-image check; Gundam tiles stay the page's own,
+        their count is fixed by the placeholders)."""
         tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         pixels = tensors["pixel_values"] if pixels is None else pixels.to(self.device)
         out = self.model_engine(tensors["input_ids"], targets=tensors["targets"],
                           pixel_values=pixels,
                           position_ids=tensors["position_ids"], doc_ids=tensors["doc_ids"],
-                          reading=(tensors["reading_targets"], tensors["reading_lengths"], tensors["reading_cells"])
-                          if reading else None,
+                          reading=Reading(tensors["reading_targets"], tensors["reading_lengths"],
+                                          tensors["reading_cells"], tensors["pointer"]) if reading else None,
                           tile_values=tensors["tile_values"],
                           tile_grids=tensors["tile_grids"])
         return out if reading else (out, None)
@@ -306,14 +309,16 @@ class Trainer:
 
     def _log(self, sums: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
              dt: float) -> dict:
-        """`sums`: this rank's (token loss, reading loss) summed over the step's supervised tokens and images. Returns
-        the step's metrics, the same on every rank: the loss is the mean over the global batch's supervised tokens."""
+        """`sums`: this rank's (token, reading head, pointer) losses summed over the step's supervised tokens and
+        images (the last two per image). Returns the step's metrics, the same on every rank: the loss is the mean
+        over the global batch's supervised tokens."""
         counts = torch.tensor([counters.get(k, 0) for k in ("target_tokens", "tokens", "samples", "vision_samples",
                                                             "tiles", "squared_lengths")]
                               + [sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
         totals = self._sum_over_ranks(torch.cat([sums, counts.to(sums.device)]))     # the step's one reduction of metrics
-        target_tokens, tokens, samples, images, tiles, squared_lengths, skipped = (int(x) for x in totals[2:])
-        loss_mean, reading_mean = totals[0].item() / max(target_tokens, 1), totals[1].item() / max(images, 1)
+        target_tokens, tokens, samples, images, tiles, squared_lengths, skipped = (int(x) for x in totals[3:])
+        loss_mean = totals[0].item() / max(target_tokens, 1)
+        reading_mean, pointer_mean = (totals[k].item() / max(images, 1) for k in (1, 2))
         grad_norm = self.model_engine.get_global_grad_norm()
         train_flops = (tokens * self.token_flops + flops.gpt_attention_train_flops(self.cfg.model, squared_lengths)
                        + images * self.image_flops + tiles * self.tile_flops)
@@ -328,12 +333,15 @@ class Trainer:
             metrics["reading_loss"] = reading_mean
             self.recent_reading[0] += reading_mean          # the towers' verdict at the next validation
             self.recent_reading[1] += 1
+        if self.cfg.model.reading_pointer:
+            metrics["pointer_loss"] = pointer_mean
         if self.peak:
             metrics["mfu"] = train_flops / dt / (self.peak * self.world)
         if self.rank == 0 and self._logs(self.step):
             mfu = f"mfu {metrics['mfu'] * 100:.1f}%" if self.peak else "mfu n/a (cpu)"
             grad = f"{metrics['grad_norm']:.3f}" if metrics["grad_norm"] is not None else "n/a"
             reading = f"reading {reading_mean:.4f} | " if self.cfg.reading_weight else ""
+            reading += f"pointer {pointer_mean:.4f} | " if "pointer_loss" in metrics else ""
             towers = " ".join(f"{name} {norm:.2e}" for name, norm in grad_norms.items())
             print(f"step {self.step:05d}/{self.cfg.steps:05d} | loss {loss_mean:.4f} | {reading}lr {metrics['lr']:.2e} | "
                   f"grad {grad} ({towers}) | dt {dt * 1000:.0f}ms | tok/s {metrics['tokens_per_s']:,.0f} | "

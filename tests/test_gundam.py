@@ -217,7 +217,7 @@ def test_training_forward_reaches_every_parameter_with_and_without_tiles():
 
 def test_reading_head_reads_the_global_views_of_a_tiled_batch():
     cfg = dataclasses.replace(gundam(), reading_head=True)
-    lm, reading = build_model(cfg).train()(**gundam_batch(cfg, PAGES),
+    lm, reading, _ = build_model(cfg).train()(**gundam_batch(cfg, PAGES),
                                            reading=(torch.tensor([65, 66] * 3), torch.tensor([2, 2, 2])))
     assert torch.isfinite(lm) and reading > 0
 

@@ -15,7 +15,8 @@ from ocr_vlm.data.render import READING_SETS, page_record, reading_page
 from ocr_vlm.data.sample import decode
 from ocr_vlm.diagnostics import BLIND_GAP, VisionShare, mismatched, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import BACKGROUND, CLASSES, ReadingHead, VisionNorm, reading_cells, reading_targets
+from ocr_vlm.model.reading import (BACKGROUND, CLASSES, ReadingHead, VisionNorm, byte_loss, reading_cells,
+                                   reading_targets)
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
@@ -40,7 +41,7 @@ def test_the_reading_loss_is_the_cross_entropy_to_each_pages_byte_histogram():
         (torch.arange(2).repeat_interleave(2), torch.tensor([97, 98] * 2)), pooled.flatten()).log_softmax(-1)
     # page 0 reads "aab" (histogram 2/3 a, 1/3 b); page 1 has no characters and adds zero to the mean
     expected = -(2 / 3 * log_p[0, ord("a")] + 1 / 3 * log_p[0, ord("b")]) / 2
-    loss = head.loss(tokens, torch.tensor(reading_targets("a a b")), torch.tensor([3, 0]))
+    loss = byte_loss(head.proj(tokens), torch.tensor(reading_targets("a a b")), torch.tensor([3, 0]), None)
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
@@ -55,12 +56,24 @@ def test_with_positions_each_token_is_trained_on_the_character_centred_on_it():
     tokens = torch.randn(2, 3, 4)
     # page 0 knows its positions: "a" under token 0, "b" under token 2, token 1 is background;
     # page 1 does not ("b" somewhere): the bag, as without positions
-    loss = head.loss(tokens, torch.tensor(reading_targets("a b") + reading_targets("b")), torch.tensor([2, 1]),
-                     torch.tensor(reading_cells("a b", [0, 2]) + reading_cells("b", None)))
+    loss = byte_loss(head.proj(tokens), torch.tensor(reading_targets("a b") + reading_targets("b")),
+                     torch.tensor([2, 1]), torch.tensor(reading_cells("a b", [0, 2]) + reading_cells("b", None)))
     log_p = head.proj(tokens).log_softmax(-1)
     per_token = -(log_p[0, 0, ord("a")] + log_p[0, 2, ord("b")]) / 2 - log_p[0, 1, BACKGROUND]
     bag = -head.proj(tokens[1]).logsumexp(0).log_softmax(-1)[ord("b")]
     assert torch.allclose(loss, (per_token + bag) / 2, atol=1e-6)
+
+
+def test_the_reading_head_also_reads_the_character_before_each_token():
+    torch.manual_seed(0)
+    head = ReadingHead(width=4)
+    tokens = torch.randn(2, 3, 4)
+    targets, lengths = torch.tensor(reading_targets("a b") + reading_targets("c")), torch.tensor([2, 1])
+    cells = torch.tensor(reading_cells("a b", [0, 2]) + reading_cells("c", [1]))
+    before = torch.tensor([BACKGROUND, ord("a"), BACKGROUND])         # each page's first character has none
+    expected = (byte_loss(head.proj(tokens), targets, lengths, cells)
+                + byte_loss(head.previous(tokens), before, lengths, cells)) / 2
+    assert torch.allclose(head.loss(tokens, targets, lengths, cells), expected, atol=1e-6)
 
 
 def test_a_rendered_page_knows_which_token_each_character_is_under():
@@ -79,13 +92,31 @@ def test_a_rendered_page_knows_which_token_each_character_is_under():
                Tokenizer.load(MINI_TOKENIZER), cfg)
 
 
+def test_the_pointer_pairs_each_answer_token_with_its_first_characters_token():
+    cfg, tokenizer = config.mini16(), Tokenizer.load(MINI_TOKENIZER)
+    page = reading_page(random.Random(3), READING_SETS["page"])          # lines of words: spaces and newlines
+    example = decode({"__key__": "p", "json": json.dumps(page_record("p", page, "t").meta).encode(),
+                      "png": page.encoded()[0]}, tokenizer, cfg)
+    g, image = cfg.vision_grid, example.inputs.index(cfg.image_token_id)
+    written, expected = "", []
+    for position, target in enumerate(example.targets):
+        if target != IGNORE_INDEX and target != tokenizer.assistant_end_id:
+            token = tokenizer.decode([target])
+            if token.strip():          # a token with ink points at the token of its first inked character
+                row, col = divmod(example.cells[len("".join(written.split()))], g)
+                expected.append((position, image + row * (g + 1) + col))
+            written += token
+    assert written == page.text and len(expected) > 10
+    assert list(example.pointer) == expected
+
+
 def test_reading_loss_trains_the_towers_and_not_the_gpt():
     torch.manual_seed(0)
     model = build_model(CFG)
     ids = torch.tensor([[1] + [CFG.image_token_id] * CFG.image_tokens * 2 + [5, 6]])
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[0, -2] = 7
-    lm, reading = model(ids, targets=targets, pixel_values=torch.randn(2, 3, CFG.image_size, CFG.image_size),
+    lm, reading, _ = model(ids, targets=targets, pixel_values=torch.randn(2, 3, CFG.image_size, CFG.image_size),
                         reading=(torch.tensor(reading_targets("Ab3 xy")), torch.tensor([3, 2])))
     assert torch.isfinite(reading) and reading > 0
     reading.backward()
@@ -104,8 +135,8 @@ def test_the_reading_head_reads_a_page_the_same_whatever_shares_its_batch():
     pixels = torch.randint(0, 256, (3, 3, CFG.image_size, CFG.image_size), dtype=torch.uint8)
     # page 0 reads "ab" at tokens 5 and 6; its batch mate has no characters, so adds zero
     reading = (torch.tensor(reading_targets("ab")), torch.tensor([2, 0]), torch.tensor(reading_cells("ab", [5, 6])))
-    _, alone = model(ids, targets=targets, pixel_values=pixels[[0, 1]], reading=reading)
-    _, with_another = model(ids, targets=targets, pixel_values=pixels[[0, 2]], reading=reading)
+    _, alone, _ = model(ids, targets=targets, pixel_values=pixels[[0, 1]], reading=reading)
+    _, with_another, _ = model(ids, targets=targets, pixel_values=pixels[[0, 2]], reading=reading)
     assert torch.allclose(alone, with_another)          # page 0's code is its own
 
 

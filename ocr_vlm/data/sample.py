@@ -33,6 +33,7 @@ class Example:
     type: str = ""                    # the sample's free `type` metadata (receipt, chart, ...): reports break down by it
     cells: list[int] | None = None    # the global view's token under each non-whitespace character of the response
                                       # (the centres of the sample's `chars` boxes); None when it has none
+    pointer: tuple[tuple[int, int], ...] = ()   # with cells: `pointer_pairs`, what the GPT's pointer head is trained on
 
 
 def with_response(fields: dict) -> dict:
@@ -81,8 +82,30 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Example:
     user, assistant = first_exchange(messages)
     kind = meta.get("type")
     cells = token_cells(character_centres(meta["chars"], assistant), views.size, vlm) if "chars" in meta else None
+    pointer = pointer_pairs(tokenizer, ids, assistant, cells, vlm.image_tokens_for(views.grid) - vlm.image_tokens,
+                            vlm.vision_grid) if cells is not None else ()
     return Example(key, ids[:-1], _targets(ids, mask), views, user, assistant, sample[image_key],
-                   kind if isinstance(kind, str) else "", cells)
+                   kind if isinstance(kind, str) else "", cells, pointer)
+
+
+def pointer_pairs(tokenizer: Tokenizer, ids: list[int], response: str, cells: list[int], tiles: int,
+                  grid: int) -> tuple[tuple[int, int], ...]:
+    """(position, vision position) for each token of the first answer in `ids` that starts on a character of
+    `response` with ink: the position that predicts the token, and the global-view token of that character (its
+    `cells` entry, laid out after the image's `tiles` tile embeddings, rows of `grid` + a newline)."""
+    inked_index, byte_char = 0, []           # which non-whitespace character each byte of the response belongs to
+    for char in response:
+        byte_char += [None if char.isspace() else inked_index] * len(char.encode("utf-8"))
+        inked_index += not char.isspace()
+    image, answer = ids.index(tokenizer.image_id) + tiles, ids.index(tokenizer.assistant_start_id) + 1
+    pairs, at = [], 0
+    for i, token in enumerate(tokenizer.token_bytes(ids[answer:answer + len(tokenizer.encode(response))])):
+        char = next((c for c in byte_char[at:at + len(token)] if c is not None), None)
+        if char is not None:
+            row, col = divmod(cells[char], grid)
+            pairs.append((answer + i - 1, image + row * (grid + 1) + col))
+        at += len(token)
+    return tuple(pairs)
 
 
 def character_centres(chars, response: str) -> list[tuple[float, float]]:

@@ -105,13 +105,18 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(B, T, D) -> q (B, heads, T, head_dim), k and v (B, kv heads, T, head_dim); q and k rotated, then normed."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))   # QK-norm after rotary
+        return norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin)), v   # QK-norm after rotary
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = self.n_head != self.n_kv_head
@@ -120,6 +125,26 @@ class CausalSelfAttention(nn.Module):
         else:   # causal over the sequence, a single cached-decode query that sees every key, or the mask
             y = attention(q, k, v, mask=layout, causal=layout is None and q.shape[2] == k.shape[2], gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def log_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None,
+                      pairs: torch.Tensor, head: int) -> torch.Tensor:
+        """The log of the attention `head` pays from each of `pairs`' queries to its key, as `forward` would attend
+        (causal, within the query's document). pairs: (P, 3) = (row, query position, key position), in row order."""
+        q, k, _ = self.project(x, cos, sin)
+        rows, queries, keys = pairs.unbind(1)
+        kv_head = head // (self.n_head // self.n_kv_head)
+        positions = torch.arange(x.shape[1], device=x.device)
+        out = []
+        # one row at a time: a (pairs, T) score matrix per row, not (pairs, T, head_dim) keys gathered per pair
+        row_ids, counts = rows.unique_consecutive(return_counts=True)
+        for row, at in zip(row_ids.tolist(), queries.split(counts.tolist())):
+            scores = q[row, head, at] @ k[row, kv_head].T * self.head_dim ** -0.5
+            visible = positions <= at.unsqueeze(1)
+            if doc_ids is not None:
+                visible &= doc_ids[row] == doc_ids[row, at].unsqueeze(1)
+            out.append(scores.float().masked_fill(~visible, float("-inf")).log_softmax(-1))
+        log_probs = torch.cat(out) if out else q.new_zeros(0, x.shape[1], dtype=torch.float32)
+        return log_probs.gather(1, keys.unsqueeze(1)).squeeze(1)
 
 
 class MLP(nn.Module):
@@ -193,10 +218,12 @@ class GPT(nn.Module):
         return self.transformer.wte(idx)
 
     def hidden(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-               key_valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+               key_valid: torch.Tensor | None = None, cache: KVCache | None = None,
+               attention: tuple[int, int, torch.Tensor] | None = None):
         """(B, T, D) embeddings of the new tokens -> final-normed hidden states.
 
-        With a cache, `key_valid` covers the cached and the new positions: (B, cache.length + T)."""
+        With a cache, `key_valid` covers the cached and the new positions: (B, cache.length + T). With `attention` =
+        (layer, head, pairs) it returns (hidden states, that head's `log_attention` over the pairs) instead."""
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -206,12 +233,15 @@ class GPT(nn.Module):
         layout = Documents(doc_ids) if doc_ids is not None else attention_mask(key_valid, past, T, x.device)
         x = norm(x)
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        attended = None
         for i, block in enumerate(self.transformer.h):
+            if attention is not None and i == attention[0]:      # outside the checkpoint: computed once, kept for backward
+                attended = block.attn.log_attention(norm(x), cos, sin, doc_ids, attention[2], attention[1])
             args = (x, cos, sin, layout, cache, i)   # the same call either way: a checkpointed block still fills the cache
             x = checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
         if cache is not None:
             cache.length += T
-        return norm(x)
+        return norm(x) if attention is None else (norm(x), attended)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return softcap(self.lm_head(h).float(), self.cfg.logit_softcap)

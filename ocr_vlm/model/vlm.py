@@ -6,6 +6,7 @@
     token embeddings with the <|image|> positions replaced, in order ─ gpt ─▶ loss or logits
     (from scratch) the projected tokens ─ vision_norm ─▶ standardised over the pages, per position
     (training only) the projected tokens (N,g²,D) ─ reading_head ─▶ loss against the page's characters
+    (training only) one GPT head's attention ─ pointer ─▶ loss: it should rest on the character being written
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from ocr_vlm.config import COMPONENTS, TOWERS, VLMConfig
 from ocr_vlm.model.clip import ClipEncoder
 from ocr_vlm.model.gpt import GPT, chunked_cross_entropy
-from ocr_vlm.model.reading import ReadingHead, VisionNorm
+from ocr_vlm.model.reading import POINTER_HEAD, Reading, ReadingHead, VisionNorm, pointer_layer, pointer_loss
 from ocr_vlm.model.sam import SamEncoder
 
 MEAN = STD = 0.5     # DeepSeek-OCR's ToTensor + Normalize; image.PAD_COLOR is this mean in uint8
@@ -134,13 +135,14 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, reading: tuple[torch.Tensor, torch.Tensor] | None = None,
+                doc_ids: torch.Tensor | None = None, reading: Reading | tuple | None = None,
                 tile_values: torch.Tensor | None = None, tile_grids: torch.Tensor | None = None):
         """Mean cross-entropy over supervised targets (never full fp32 logits), or logits when no targets.
 
         Gundam batches add `tile_values` (M,3,t,t), every image's tiles in order, and `tile_grids` (N,2).
-        With `reading` = (the images' `reading_targets` concatenated, their lengths) it returns the pair
-        (cross-entropy, reading head's loss over the global views); weighing the two is the trainer's business.
+        With `reading` (model/reading.py's `Reading`: the images' reading targets, and where on the pages they are)
+        it returns (cross-entropy, the reading head's loss over the global views, the pointer's loss: 0 without
+        one); weighing them is the trainer's business.
 
         A text-only batch in training still runs the towers (and the reading head), on a blank image weighted by
         zero, at the same points as a batch with images; in Gundam mode a batch without tiles runs a blank tile the
@@ -164,15 +166,23 @@ class VLM(nn.Module):
             ([tiles] if towers and self.cfg.tile_size and not tiled else [])
         for u in unused:
             x = x + 0.0 * u.sum()
-        h = self.gpt.hidden(x, position_ids=position_ids, doc_ids=doc_ids)
+        reading = Reading(*reading) if reading is not None else None
+        pointing = reading is not None and self.cfg.reading_pointer
+        out = self.gpt.hidden(x, position_ids=position_ids, doc_ids=doc_ids,
+                              attention=(pointer_layer(self.cfg.gpt), POINTER_HEAD, reading.pointer[:, :3])
+                              if pointing else None)
+        h, attended = out if pointing else (out, None)
         if targets is None:
             return self.gpt.logits(h)
         loss = chunked_cross_entropy(h, self.gpt.lm_head.weight, targets, self.cfg.gpt.logit_softcap)
         if reading is None:
             return loss
         if images:
-            return loss, self.reading_head.loss(projected, *reading)
-        return loss, (0.0 * self.reading_head(projected).sum() if self.training else loss * 0.0)
+            head = self.reading_head.loss(projected, reading.targets, reading.lengths, reading.cells)
+        else:
+            head = 0.0 * self.reading_head(projected).sum() if self.training else loss * 0.0
+        pointer = pointer_loss(attended, reading.pointer[:, 3], len(reading.lengths)) if pointing else head * 0.0
+        return loss, head, pointer
 
     def freeze(self, components: tuple[str, ...]) -> None:
         """requires_grad=False on the named components; an optimizer then only ever sees the trainable rest."""
