@@ -1,13 +1,14 @@
 """How fast the GPT side alone learns to read a line when every vision token already names its character.
 
-    python bench/reading_gpt.py [--arm ...] [--steps 1000] [--copy_steps 800] [--lr 1e-2] [--threads 1]
+    python bench/reading_gpt.py [--arm ...] [--steps 1000] [--copy_steps 800] [--lr 1e-2] [--fixed_map] [--threads 1]
     (about 25 min per arm of 1000 steps)
 
 The towers' side of reading is what the reading head measures; this bench takes it away. Each page of the line set
 (`READING_SETS["line"]`: one line of 4-8 characters at random places) becomes perfect vision tokens: a fixed random
 code for each character on the token its centre falls in (`token_cells`, as the reading head is trained), one
-background code everywhere else, through a trainable linear map in the projector's place; the mini16 GPT and its
-newline/separator embeddings learn to answer "Free OCR." with the line, 28 pages a step, AdamW at `--lr`.
+background code everywhere else, through a trainable linear map in the projector's place (`--fixed_map`: none); the
+mini16 GPT and its newline/separator embeddings learn to answer "Free OCR." with the line, 28 pages a step, AdamW at
+`--lr`.
 
 Arms: `scratch`, the GPT from scratch; `copy`, the same GPT first trained `--copy_steps` steps on text alone to
 repeat a line back (the user's turn holds the line, the answer repeats it): the copying a pretrained nanochat
@@ -101,12 +102,12 @@ def answer_loss(model: VLM, ids: torch.Tensor, targets: torch.Tensor, x: torch.T
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX), accuracy, pointer
 
 
-def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previous: bool) -> None:
+def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previous: bool, fixed_map: bool) -> None:
     cfg = config.mini16()
     tokenizer = Tokenizer.load(MINI_TOKENIZER)
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    projector = torch.nn.Linear(cfg.gpt.n_embd, cfg.gpt.n_embd)
+    projector = torch.nn.Identity() if fixed_map else torch.nn.Linear(cfg.gpt.n_embd, cfg.gpt.n_embd)
     gpt_side = model.component_parameters("gpt") + [model.image_newline, model.view_separator]
     optimizer = torch.optim.AdamW(gpt_side + list(projector.parameters()), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     train, held_out = Pages(cfg, tokenizer, 1, previous), Pages(cfg, tokenizer, 2, previous)
@@ -143,10 +144,11 @@ def main() -> None:
     p.add_argument("--copy_steps", type=int, default=800, help="the second arm's text-copy steps first (%(default)s)")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW lr (default %(default)s)")
     p.add_argument("--arm", choices=ARMS, default="pointer_previous")
+    p.add_argument("--fixed_map", action="store_true", help="the codes reach the GPT as they are, no trained linear map")
     args = p.parse_args()
     fix_threads(args.threads)
     copy_steps, pointer, previous = ARMS[args.arm]
-    arm(args.arm, copy_steps * args.copy_steps, args.steps, args.lr, pointer, previous)
+    arm(args.arm, copy_steps * args.copy_steps, args.steps, args.lr, pointer, previous, args.fixed_map)
 
 
 ARMS = {  # name: (copy steps first (x --copy_steps), the pointer's loss, codes naming the previous character)

@@ -91,11 +91,12 @@ def test_eval_on_val_shards_every_n_steps(zero2):
 
 
 def test_reading_head_and_tower_gradients_are_logged(tmp_path):
-    out = deepspeed(tmp_path, "--steps=2", "--model.reading_head=true", "--reading_weight=0.1", "--val_every=2",
-                    "--val_shards=shards/tier1")
+    out = deepspeed(tmp_path, "--steps=2", "--model.reading_head=true", "--model.reading_pointer=true",
+                    "--reading_weight=0.1", "--val_every=2", "--val_shards=shards/tier1")
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     assert all(m["reading_loss"] > 0 for m in steps)
+    assert all(m["pointer_loss"] == 0 for m in steps)     # tier1's pages say not where their characters are
     # at eval, the head's loss since the last one against a uniform guess over the characters the val pages hold
     (val,) = [m for m in metrics if "eval/reading_loss_train" in m]
     examples, _ = read_examples("shards/tier1", Tokenizer.load(MINI_TOKENIZER), config.mini())
@@ -107,7 +108,7 @@ def test_reading_head_and_tower_gradients_are_logged(tmp_path):
     assert "reading " in out and "(sam " in out
     model, _ = load_export(tmp_path / "export")     # the head travels with the export, strictly loaded
     cfg = model.cfg
-    assert cfg.reading_head and model.reading_head is not None
+    assert cfg.reading_head and model.reading_head is not None and cfg.reading_pointer
 
 
 def test_gundam_trains_on_two_ranks_evaluates_and_generates(chats, tmp_path):
