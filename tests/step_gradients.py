@@ -41,6 +41,9 @@ def rows(cfg) -> list[dict]:
 def stack(batches: list[dict]) -> dict:
     """Rows of one-row batches as one micro-batch (images and reading targets stay in row order)."""
     out = {k: torch.cat([b[k] for b in batches]) for k in TENSORS}
+    # the pointer's pairs name their row and page: batch i's are row i's, after the pages of the batches before it
+    pages = torch.tensor([0] + [len(b["pixel_values"]) for b in batches]).cumsum(0)
+    out["pointer"] = torch.cat([b["pointer"] + torch.tensor([i, 0, 0, int(pages[i])]) for i, b in enumerate(batches)])
     out["counters"] = dict(sum((Counter(b["counters"]) for b in batches), Counter()))
     return out
 
