@@ -98,8 +98,9 @@ def pointer_pairs(tokenizer: Tokenizer, ids: list[int], response: str, cells: li
         byte_char += [None if char.isspace() else inked_index] * len(char.encode("utf-8"))
         inked_index += not char.isspace()
     image, answer = ids.index(tokenizer.image_id) + tiles, ids.index(tokenizer.assistant_start_id) + 1
+    end = ids.index(tokenizer.assistant_end_id, answer)       # the answer's tokens, already encoded in `ids`
     pairs, at = [], 0
-    for i, token in enumerate(tokenizer.token_bytes(ids[answer:answer + len(tokenizer.encode(response))])):
+    for i, token in enumerate(tokenizer.token_bytes(ids[answer:end])):
         char = next((c for c in byte_char[at:at + len(token)] if c is not None), None)
         if char is not None:
             row, col = divmod(cells[char], grid)
