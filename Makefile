@@ -45,17 +45,18 @@ demo: setup
 # What makes it learn (ocr_vlm/model/reading.py): 16x16 vision tokens (mini16), about a character each; the reading
 # head, trained per token on the rendered characters' boxes (each token's character and the one before it), gives the
 # towers a gradient of their own; the vision norm keeps them from collapsing under the GPT's loss; the pointer trains
-# one GPT head to look at the character it writes; and the GPT trains at 3x the towers' lr. The held-out pages come
-# from another seed, so the model has never seen them; runs/read/eval/report.html holds their CER, and the run's
-# metrics.jsonl the learning curve (image gap and CER by minutes and pages seen).
+# one GPT head to look at the character it writes; the reading code hands the GPT what the head names; and the GPT
+# trains at 3x the towers' lr. The held-out pages come from another seed, so the model has never seen them;
+# runs/read/eval/report.html holds their CER, and the run's metrics.jsonl the learning curve (image gap and CER by
+# minutes and pages seen).
 READ_SET   ?= line
 READ_PAGES ?= 40000
 READ_STEPS ?= 1500
 READ_ARGS  := --output_dir=runs/read --data.shards=runs/read/data/train --val_shards=runs/read/data/heldout \
 	--preset=mini16 --steps=$(READ_STEPS) --global_batch=4 --micro_batch=2 --data.seq_len=2048 --data.num_workers=1 \
 	--data.shuffle_buffer=500 --lr=3e-3 --vision_lr_scale=0.33 --warmup_steps=10 --schedule=constant --checkpointing= \
-	--model.vision_norm=true --model.reading_head=true --model.reading_pointer=true --reading_weight=1 \
-	--val_every=100 --val_read=100 --val_read_tokens=24 --log_every=25
+	--model.vision_norm=true --model.reading_head=true --model.reading_pointer=true --model.reading_code=true \
+	--reading_weight=1 --val_every=100 --val_read=100 --val_read_tokens=24 --log_every=25
 read: setup
 	rm -rf runs/read
 	$(PY) -m ocr_vlm.data.render reading --set $(READ_SET) --n $(READ_PAGES) --seed 1 --out runs/read/data/train

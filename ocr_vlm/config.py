@@ -97,6 +97,7 @@ class VLMConfig:
     vision_norm: bool = False     # batch-norm the vision tokens over pages (model/reading.py): for towers trained from scratch
     reading_head: bool = False    # training-only bag-of-characters loss on the vision tokens (model/reading.py)
     reading_pointer: bool = False  # training-only: one GPT head points at the character it writes (model/reading.py)
+    reading_code: bool = False    # the GPT reads what the reading head names, embedded, with each vision token (model/reading.py)
     tile_size: int = 0            # Gundam's local tile side (0: fixed mode, global view only)
     min_crops: int = 2            # Gundam tile grids hold min_crops..max_crops tiles (the paper trained up to 9)
     max_crops: int = 6            # Gundam's most tiles per page
@@ -175,6 +176,7 @@ class VLMConfig:
         _check(self.max_crops >= self.min_crops, "max_crops", f"{self.max_crops} is below min_crops={self.min_crops}")
         _check(self.reading_head or not self.reading_pointer, "reading_pointer",
                "trains with the reading head's data: set reading_head=true too")
+        _check(self.reading_head or not self.reading_code, "reading_code", "embeds the reading head's readouts: set reading_head=true too")
         _check(g.sequence_len > self.max_image_tokens, "gpt.sequence_len",
                f"{g.sequence_len} leaves no room for text after {self.max_image_tokens} image embeddings")
         return self
@@ -210,11 +212,13 @@ def mini() -> VLMConfig:
 
 def mini16() -> VLMConfig:
     """mini with a 16x16 token grid (273 embeddings) for small text: 4 px patches, where mini's 32 px tokens each hold
-    two characters of a 24 px line, a code towers trained from scratch take far longer to learn. SAM attends within
-    its 8x8 windows only: mini's two global blocks over 64x64 patches would make the towers 10x slower, and CLIP's
-    layers still see the whole page."""
+    two characters of a 24 px line, a code towers trained from scratch take far longer to learn. Over 64x64 patches
+    SAM is most of the model's cost, so it attends within its 8x8 windows only (mini's two global blocks would make
+    the towers 10x slower; CLIP's layers still see the whole page), and it has half mini's width and depth: the
+    narrow SAM learns the line set's character code at least as fast a step as mini's, at a third of the time
+    (bench/reading_towers.py)."""
     small = mini()
-    return replace(small, sam=replace(small.sam, patch_size=4, global_attn_indexes=()),
+    return replace(small, sam=replace(small.sam, patch_size=4, width=32, heads=1, depth=2, global_attn_indexes=()),
                    clip=replace(small.clip, pos_grid=16)).validate()
 
 

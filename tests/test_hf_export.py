@@ -1,6 +1,7 @@
 """The export leaves the repo: transformers loads it (trust_remote_code, in a fresh process that never imports
 ocr_vlm) and greedy `generate` returns exactly our Generator's text, left-padded batch included."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -25,7 +26,9 @@ def pages(n: int, side: int) -> torch.Tensor:
 
 def test_transformers_generate_equals_our_generator(tmp_path):
     torch.manual_seed(0)
-    save_export(randomize(build_model(config.mini()), 0.3, seed=0), tmp_path / "export", MINI_TOKENIZER)
+    # with the reading code, generation runs the vision norm and the reading head too
+    cfg = dataclasses.replace(config.mini(), vision_norm=True, reading_head=True, reading_code=True)
+    save_export(randomize(build_model(cfg), 0.3, seed=0), tmp_path / "export", MINI_TOKENIZER)
     model, tokenizer = load_export(tmp_path / "export")
     pixels = pages(2, model.cfg.image_size)
     ours = Generator(model, tokenizer).generate(PROMPTS, pixels, max_new_tokens=24)

@@ -126,6 +126,28 @@ def test_reading_loss_trains_the_towers_and_not_the_gpt():
     assert model.gpt.lm_head.weight.grad is None             # the reading loss never reaches the GPT
 
 
+def test_with_reading_code_the_gpt_reads_what_the_head_names_and_trains_it():
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, CFG.image_size, CFG.image_size), dtype=torch.uint8)
+    plain, coded = build_model(CFG).eval(), build_model(dataclasses.replace(CFG, reading_code=True)).eval()
+    for model, reads_the_head in ((plain, False), (coded, True)):
+        before = model.vision_tokens(pixels)
+        with torch.no_grad():
+            model.reading_head.proj.weight.mul_(3.0)
+        assert torch.equal(before, model.vision_tokens(pixels)) != reads_the_head
+    coded.train()
+    with torch.no_grad():                      # nanochat zero-initialises its output projections: no gradient yet
+        for p in coded.gpt.parameters():
+            p.normal_(0, 0.05)
+    ids = torch.tensor([[1] + [CFG.image_token_id] * CFG.image_tokens * 2 + [5, 6]])
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[0, -2] = 7
+    coded(ids, targets=targets, pixel_values=pixels).backward()    # the language-model loss alone
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in coded.reading_head.parameters())
+    with pytest.raises(ConfigError, match="reading_code"):
+        dataclasses.replace(config.mini(), reading_code=True).validate()
+
+
 def test_the_reading_head_reads_a_page_the_same_whatever_shares_its_batch():
     torch.manual_seed(0)
     model = build_model(CFG).train()          # with the vision norm, whose statistics every batch moves

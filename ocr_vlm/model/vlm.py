@@ -6,6 +6,7 @@
     token embeddings with the <|image|> positions replaced, in order ─ gpt ─▶ loss or logits
     (from scratch) the projected tokens ─ vision_norm ─▶ standardised over the pages, per position
     (training only) the projected tokens (N,g²,D) ─ reading_head ─▶ loss against the page's characters
+    (reading_code) the reading head's readouts ─ embedded ─▶ added to the normed tokens the GPT reads
     (training only) one GPT head's attention ─ pointer ─▶ loss: it should rest on the character being written
 """
 
@@ -57,13 +58,21 @@ class VLM(nn.Module):
         views = {"global": cfg.vision_grid ** 2, **({"tile": cfg.tile_grid_side ** 2} if cfg.tile_size else {})}
         self.vision_norm = nn.ModuleDict({view: VisionNorm(n, width) for view, n in views.items()}) \
             if cfg.vision_norm else None
-        self.reading_head = ReadingHead(width) if cfg.reading_head else None
+        self.reading_head = ReadingHead(width, cfg.reading_code) if cfg.reading_head else None
 
     def vision_tokens(self, pixels: torch.Tensor, real: bool = True) -> torch.Tensor:
         """(N,3,S,S) uint8 pixels (or already normalised floats) -> (N, g², D): the token grid the GPT reads,
         row-major, before the layout adds newlines. `real=False` marks a stand-in (a blank image): the vision norm
         then leaves its statistics alone."""
-        return self.norm_tokens(self.projected_tokens(pixels), real)
+        return self.read_tokens(self.projected_tokens(pixels), real)
+
+    def read_tokens(self, projected: torch.Tensor, real: bool = True) -> torch.Tensor:
+        """Projected tokens (N, g² or t², D) -> what the GPT reads: after the vision norm, with the reading head's
+        embedded code added when the model has one (`reading_code`)."""
+        tokens = self.norm_tokens(projected, real)
+        if self.cfg.reading_code:
+            tokens = tokens + self.reading_head.embed(projected).to(tokens.dtype)
+        return tokens
 
     def projected_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N,3,S,S) pixels -> (N, g², D): the towers' projected tokens, before the vision norm."""
@@ -157,7 +166,7 @@ class VLM(nn.Module):
             dtype, device = self.projector.layers.weight.dtype, input_ids.device
             # the reading head reads the tokens before the norm, so its code does not move with the statistics
             projected = self.projected_tokens(pixel_values if images else blank(self.cfg.image_size, dtype, device))
-            vision = self.norm_tokens(projected, images)
+            vision = self.read_tokens(projected, images)
             if self.cfg.tile_size:
                 tiles = self.vision_tokens(tile_values if tiled else blank(self.cfg.tile_size, dtype, device), tiled)
         x = self.embed(input_ids, vision if images else None, tiles if tiled else None, tile_grids if tiled else None)

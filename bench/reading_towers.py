@@ -1,0 +1,91 @@
+"""How fast the towers alone learn the line set's character code, and what a step of them costs.
+
+    python bench/reading_towers.py [--arm narrow|wide] [--steps 300] [--threads 2]
+    (narrow: about 6 min for 300 steps; wide: about 20)
+
+The GPT's side of reading is what bench/reading_gpt.py measures; this bench takes it away. The towers, projector and
+reading head (model/reading.py) of `--preset=mini16` learn from line pages (`READING_SETS["line"]`, rendered on the
+fly) what the trainer's reading loss teaches them: each token's character and the one before it, on the tokens the
+characters' centres fall in; 28 pages a step, AdamW at 1e-3 (`make read`'s towers), clip 1.0. Printed every 50
+steps: *ink accuracy*, the share of 100 held-out pages' characters whose token's own readout names them (chance about
+0.02), and the seconds a step has taken so far.
+
+Arms: `narrow`, mini16's SAM (width 32, one head, 2 blocks); `wide`, mini's SAM width and depth (64, two heads, 4
+blocks) at mini16's 4 px patches, which mini16 had before. Run arms one at a time.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import replace
+
+import torch
+
+from harness import fix_threads, parser
+from ocr_vlm import config
+from ocr_vlm.data.render import READING_SETS, reading_page
+from ocr_vlm.data.sample import character_centres
+from ocr_vlm.image import load_views, token_cells
+from ocr_vlm.model.reading import inked, reading_cells, reading_targets
+from ocr_vlm.model.vlm import build_model
+
+PAGES = 28                       # a step's pages: what `make read` packs into a step
+ARMS = {
+    "narrow": lambda cfg: cfg,
+    "wide": lambda cfg: replace(cfg, sam=replace(cfg.sam, width=64, heads=2, depth=4)),
+}
+
+
+def pages(cfg: config.VLMConfig, rng: random.Random, n: int) -> tuple[torch.Tensor, ...]:
+    """n rendered line pages: uint8 pixels, reading targets, their counts per page, their cells."""
+    pixels, targets, lengths, cells = [], [], [], []
+    for _ in range(n):
+        page = reading_page(rng, READING_SETS["line"])
+        views = load_views(page.image, cfg)
+        pixels.append(views.global_view)
+        targets += reading_targets(page.text)
+        lengths.append(len(inked(page.text)))
+        cells += reading_cells(page.text, token_cells(character_centres(page.chars, page.text), views.size, cfg))
+    return torch.stack(pixels), torch.tensor(targets), torch.tensor(lengths), torch.tensor(cells)
+
+
+def ink_accuracy(model, held_out: tuple[torch.Tensor, ...]) -> float:
+    pixels, targets, lengths, cells = held_out
+    model.eval()
+    with torch.no_grad():
+        own, _ = model.reading_head(model.projected_tokens(pixels))
+    model.train()
+    page = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return (own[page, cells].argmax(-1) == targets).float().mean().item()
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--arm", choices=ARMS, default="narrow")
+    p.add_argument("--steps", type=int, default=300)
+    args = p.parse_args()
+    fix_threads(args.threads)
+    cfg = ARMS[args.arm](replace(config.mini16(), reading_head=True)).validate()
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    params = [q for name in ("sam", "clip", "projector") for q in model.component_parameters(name)]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    train, held_out = random.Random(1), pages(cfg, random.Random(2), 100)
+    spent = 0.0
+    for step in range(1, args.steps + 1):
+        pixels, targets, lengths, cells = pages(cfg, train, PAGES)
+        start = time.perf_counter()
+        loss = model.reading_head.loss(model.projected_tokens(pixels), targets, lengths, cells)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        spent += time.perf_counter() - start
+        if step % 50 == 0:
+            print(f"{args.arm}: step {step:4d} | reading loss {loss.item():.3f} | ink accuracy "
+                  f"{ink_accuracy(model, held_out):.3f} | {spent / step:.2f} s a step", flush=True)
+
+
+if __name__ == "__main__":
+    main()
