@@ -95,7 +95,7 @@ class VLMConfig:
     image_resize: str = "pad"     # "pad" (aspect kept, grey 127) or "resize" (stretch)
     image_token_id: int = 65536   # <|image|>: appended after the tokenizer's own vocabulary
     vision_norm: bool = False     # batch-norm the vision tokens over pages (model/reading.py): for towers trained from scratch
-    reading_head: bool = False    # training-only bag-of-characters loss on the vision tokens (model/reading.py)
+    reading_head: bool = False    # a character loss on the vision tokens, training-only unless reading_code (model/reading.py)
     reading_pointer: bool = False  # training-only: one GPT head points at the character it writes (model/reading.py)
     reading_code: bool = False    # the GPT reads what the reading head names, embedded, with each vision token (model/reading.py)
     tile_size: int = 0            # Gundam's local tile side (0: fixed mode, global view only)
@@ -176,7 +176,8 @@ class VLMConfig:
         _check(self.max_crops >= self.min_crops, "max_crops", f"{self.max_crops} is below min_crops={self.min_crops}")
         _check(self.reading_head or not self.reading_pointer, "reading_pointer",
                "trains with the reading head's data: set reading_head=true too")
-        _check(self.reading_head or not self.reading_code, "reading_code", "embeds the reading head's readouts: set reading_head=true too")
+        _check(self.reading_head or not self.reading_code, "reading_code",
+               "embeds the reading head's readouts: set reading_head=true too")
         _check(g.sequence_len > self.max_image_tokens, "gpt.sequence_len",
                f"{g.sequence_len} leaves no room for text after {self.max_image_tokens} image embeddings")
         return self
@@ -215,7 +216,7 @@ def mini16() -> VLMConfig:
     two characters of a 24 px line, a code towers trained from scratch take far longer to learn. Over 64x64 patches
     SAM is most of the model's cost, so it attends within its 8x8 windows only (mini's two global blocks would make
     the towers 10x slower; CLIP's layers still see the whole page), and it has half mini's width and depth: the
-    narrow SAM learns the line set's character code at least as fast a step as mini's, at a third of the time
+    narrow SAM learns the line set's character code about as fast a step as mini's, at a third of the time
     (bench/reading_towers.py)."""
     small = mini()
     return replace(small, sam=replace(small.sam, patch_size=4, width=32, heads=1, depth=2, global_attn_indexes=()),
