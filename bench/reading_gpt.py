@@ -34,7 +34,7 @@ from ocr_vlm.data.render import READING_SETS, reading_line, reading_page
 from ocr_vlm.data.sample import character_centres, pointer_pairs
 from ocr_vlm.image import token_cells
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import POINTER_HEAD, inked, pointer_layer, pointer_loss
+from ocr_vlm.model.reading import POINTER_HEAD, POINTER_LAYER, inked, pointer_loss
 from ocr_vlm.model.vlm import VLM, build_model
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 
@@ -94,7 +94,7 @@ def answer_loss(model: VLM, ids: torch.Tensor, targets: torch.Tensor, x: torch.T
     if pairs is None:
         h, pointer = model.gpt.hidden(x), x.new_zeros(())
     else:
-        h, log_attention = model.gpt.hidden(x, attention=(pointer_layer(model.cfg.gpt), POINTER_HEAD, pairs[:, :3]))
+        h, log_attention = model.gpt.hidden(x, attention=(POINTER_LAYER, POINTER_HEAD, pairs[:, :3]))
         pointer = pointer_loss(log_attention, pairs[:, 3], len(ids))
     logits = model.gpt.logits(h).float()
     supervised = targets != IGNORE_INDEX

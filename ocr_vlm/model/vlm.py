@@ -20,7 +20,7 @@ from torch import nn
 from ocr_vlm.config import COMPONENTS, TOWERS, VLMConfig
 from ocr_vlm.model.clip import ClipEncoder
 from ocr_vlm.model.gpt import GPT, chunked_cross_entropy
-from ocr_vlm.model.reading import POINTER_HEAD, Reading, ReadingHead, VisionNorm, pointer_layer, pointer_loss
+from ocr_vlm.model.reading import POINTER_HEAD, POINTER_LAYER, Reading, ReadingHead, VisionNorm, pointer_loss
 from ocr_vlm.model.sam import SamEncoder
 
 MEAN = STD = 0.5     # DeepSeek-OCR's ToTensor + Normalize; image.PAD_COLOR is this mean in uint8
@@ -178,7 +178,7 @@ class VLM(nn.Module):
         reading = Reading(*reading) if reading is not None else None
         pointing = reading is not None and self.cfg.reading_pointer
         out = self.gpt.hidden(x, position_ids=position_ids, doc_ids=doc_ids,
-                              attention=(pointer_layer(self.cfg.gpt), POINTER_HEAD, reading.pointer[:, :3])
+                              attention=(POINTER_LAYER, POINTER_HEAD, reading.pointer[:, :3])
                               if pointing else None)
         h, attended = out if pointing else (out, None)
         if targets is None:
