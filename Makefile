@@ -51,7 +51,7 @@ demo: setup
 # minutes and pages seen).
 READ_SET   ?= line
 READ_PAGES ?= 40000
-READ_STEPS ?= 1500
+READ_STEPS ?= 2400
 READ_ARGS  := --output_dir=runs/read --data.shards=runs/read/data/train --val_shards=runs/read/data/heldout \
 	--preset=mini16 --steps=$(READ_STEPS) --global_batch=4 --micro_batch=2 --data.seq_len=2048 --data.num_workers=1 \
 	--data.shuffle_buffer=500 --lr=3e-3 --vision_lr_scale=0.33 --warmup_steps=10 --schedule=constant --checkpointing= \
