@@ -36,8 +36,9 @@ to read, and the model never starts.
   GPT stayed blind for 600 steps, bench/reading_gpt.py). So one head (POINTER_HEAD of POINTER_LAYER) is trained
   to attend, from the position that writes each answer token, to the vision token of that token's first character
   (`pointer_pairs`): minus the log of that attention, averaged per page. With perfect codes that also name the
-  previous character, it attended 0.80 to the right token by step 50 and the GPT read 0.79 of the held-out tokens
-  by step 350 (teacher-forced; 0.15 is blind); with codes of the character alone, 0.30 by step 250, nothing read.
+  previous character (and the pointer then in the middle layer), it attended 0.80 to the right token by step 50 and
+  the GPT read 0.79 of the held-out tokens by step 350 (teacher-forced; 0.15 is blind); with codes of the character
+  alone, 0.30 by step 250, nothing read.
   The pointer is a head of the first layer because what it moves must still be the code: everything it needs is in
   the embeddings (the token just written, each vision token's code of what it follows), and the layers above
   overwrite the vision tokens. With the pointer in the middle layer of the line model, at step 2,000 it rested on the
