@@ -1,14 +1,16 @@
 """How fast the towers alone learn the line set's character code, and what a step of them costs.
 
-    python bench/reading_towers.py [--arm narrow|wide] [--steps 300] [--lr 1e-3] [--pages 28] [--threads 2]
+    python bench/reading_towers.py [--arm narrow|wide] [--steps 300] [--lr 1e-3] [--pages 28] [--train_set line]
+                                   [--threads 2]
     (narrow: about 6 min for 300 steps; wide: about 20)
 
 The GPT's side of reading is what bench/reading_gpt.py measures; this bench takes it away. The towers, projector and
 reading head (model/reading.py) of `--preset=mini16` learn from line pages (`READING_SETS["line"]`, rendered on the
 fly) what the trainer's reading loss teaches them: each token's character and the one before it, on the tokens the
 characters' centres fall in; 28 pages a step, AdamW at 1e-3 (`make read`'s towers), clip 1.0 (`--pages` and `--lr`
-change the first two). Printed every 50 steps: *ink accuracy*, the share of 100 held-out pages' characters whose
-token's own readout names them (chance about 0.02), and the seconds a step has taken so far.
+change the first two; `--train_set lines` trains on pages of up to five such lines, three times the characters a
+page). Printed every 50 steps: *ink accuracy*, the share of 100 held-out line pages' characters whose token's own
+readout names them (chance about 0.02), and the seconds a step has taken so far.
 
 Arms: `narrow`, mini16's SAM (width 32, one head, 2 blocks); `wide`, mini's SAM width and depth (64, two heads, 4
 blocks) at mini16's 4 px patches, which mini16 had before. Run arms one at a time.
@@ -37,11 +39,11 @@ ARMS = {
 }
 
 
-def pages(cfg: config.VLMConfig, rng: random.Random, n: int) -> tuple[torch.Tensor, ...]:
-    """n rendered line pages: uint8 pixels, reading targets, their counts per page, their cells."""
+def pages(cfg: config.VLMConfig, rng: random.Random, n: int, name: str = "line") -> tuple[torch.Tensor, ...]:
+    """n rendered pages of a reading set: uint8 pixels, reading targets, their counts per page, their cells."""
     pixels, targets, lengths, cells = [], [], [], []
     for _ in range(n):
-        page = reading_page(rng, READING_SETS["line"])
+        page = reading_page(rng, READING_SETS[name])
         views = load_views(page.image, cfg)
         pixels.append(views.global_view)
         targets += reading_targets(page.text)
@@ -66,6 +68,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (default %(default)s)")
     p.add_argument("--pages", type=int, default=PAGES, help="pages a step (default %(default)s)")
+    p.add_argument("--train_set", choices=("line", "lines"), default="line", help="what it trains on (default %(default)s)")
     args = p.parse_args()
     fix_threads(args.threads)
     cfg = ARMS[args.arm](replace(config.mini16(), reading_head=True)).validate()
@@ -76,7 +79,7 @@ def main() -> None:
     train, held_out = random.Random(1), pages(cfg, random.Random(2), 100)
     spent = 0.0
     for step in range(1, args.steps + 1):
-        pixels, targets, lengths, cells = pages(cfg, train, args.pages)
+        pixels, targets, lengths, cells = pages(cfg, train, args.pages, args.train_set)
         start = time.perf_counter()
         loss = model.reading_head.loss(model.projected_tokens(pixels), targets, lengths, cells)
         optimizer.zero_grad()

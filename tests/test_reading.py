@@ -217,10 +217,11 @@ def test_verdict_says_in_words_when_the_model_is_not_reading():
     assert verdict(2.0).startswith("reading")
 
 
-def test_reading_pages_are_random_strings_that_fit_and_repeat_by_seed():
+@pytest.mark.parametrize("name", ["page", "lines"])
+def test_reading_pages_are_random_strings_that_fit_and_repeat_by_seed(name):
     from ocr_vlm.data.render import READING_ALPHABET, READING_SETS, reading_page
 
-    spec = READING_SETS["page"]
+    spec = READING_SETS[name]
     pages = [reading_page(random.Random(f"t/{i}"), spec) for i in range(40)]
     again = reading_page(random.Random("t/0"), spec)
     assert again.text == pages[0].text and again.image.tobytes() == pages[0].image.tobytes()
@@ -230,5 +231,6 @@ def test_reading_pages_are_random_strings_that_fit_and_repeat_by_seed():
         assert spec.lines[0] <= len(lines) <= spec.lines[1] and page.image.size == (spec.side, spec.side)
         assert all(spec.chars[0] <= len(line) <= spec.chars[1] and "  " not in line and line == line.strip()
                    and set(line) <= set(READING_ALPHABET + " ") for line in lines)
+        assert all(0 <= x0 < x1 <= spec.side and 0 <= y0 < y1 <= spec.side for x0, y0, x1, y1 in page.chars)
         ink = np.asarray(page.image.convert("L"))
         assert ink.min() < 100 < 190 < ink.max()                  # dark ink on a light page

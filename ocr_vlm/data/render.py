@@ -205,6 +205,8 @@ class ReadingSet:
 READING_SETS = {
     "digit": ReadingSet(lines=(1, 1), chars=(1, 1), px=(56, 72), spaces=False, alphabet=string.digits),
     "line": ReadingSet(lines=(1, 1), chars=(4, 8), px=(24, 32), spaces=False),
+    # the line set's lines, up to five a page: the same glyphs, three times the characters a page on average
+    "lines": ReadingSet(lines=(1, 5), chars=(4, 8), px=(24, 32), spaces=False),
     "page": ReadingSet(lines=(1, 4), chars=(4, 16), px=(16, 28), spaces=True),
 }
 
@@ -226,17 +228,17 @@ def reading_line(rng: random.Random, n: int, spec: ReadingSet) -> str:
 
 def reading_page(rng: random.Random, spec: ReadingSet) -> Page:
     """Dark ink on a light background; the block of lines and each line's start placed at random, lines read top
-    to bottom. A draw whose widest line would not fit the page is redrawn. The page keeps every character's inked
+    to bottom. A draw whose widest line or block of lines would not fit the page is redrawn. The page keeps every character's inked
     box, in reading order: where the reading head learns each glyph (model/reading.py)."""
     margin = 4
     while True:
         face = reading_font(rng.choice(READING_FONTS), rng.randint(*spec.px))
         lines = [reading_line(rng, rng.randint(*spec.chars), spec) for _ in range(rng.randint(*spec.lines))]
         widths = [face.getlength(line) for line in lines]
-        if max(widths) <= spec.side - 2 * margin:
+        pitch = round(face.size * rng.uniform(1.2, 1.6))
+        height = pitch * (len(lines) - 1) + round(face.size * 1.2)
+        if max(widths) <= spec.side - 2 * margin and height <= spec.side - 2 * margin:
             break
-    pitch = round(face.size * rng.uniform(1.2, 1.6))
-    height = pitch * (len(lines) - 1) + round(face.size * 1.2)
     paper = tuple(rng.randint(200, 255) for _ in range(3))
     ink = tuple(rng.randint(0, 90) for _ in range(3))
     image = Image.new("RGB", (spec.side, spec.side), paper)
