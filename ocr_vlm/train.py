@@ -607,9 +607,11 @@ def deepspeed_config(path: str, cfg: TrainConfig, world: int, device: torch.devi
 
 def _native_bf16(device: torch.device) -> tuple[bool, str]:
     """Whether the device computes in bf16 natively, and why. torch's default check counts emulation (pre-Ampere
-    GPUs, CPUs), which runs several times slower than fp32."""
+    GPUs), which runs several times slower than fp32. CPUs stay fp32, so a CPU run's precision (and every CPU
+    test's) does not depend on the host; a config that enables bf16 gets it."""
     if device.type != "cuda":
-        return False, f"{device.type} emulates bf16, several times slower than fp32"
+        return False, (f"{device.type} runs fp32 unless the config enables bf16 (native only with AVX512-BF16 or AMX; "
+                       "emulated, several times slower, elsewhere)")
     name = torch.cuda.get_device_name(device)
     with torch.cuda.device(device):
         if torch.cuda.is_bf16_supported(including_emulation=False):
