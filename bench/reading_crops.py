@@ -7,7 +7,8 @@ line set. Here a small CNN (three stride-2 convs, GELU, a linear readout; no tow
 same characters from 48 px crops of the same pages, 28 pages' characters a step, AdamW at 1e-3, each crop centred on
 its character's box and then moved by up to `--shift` px either way in x and y: 0; 8, the spread of a character's
 centre inside mini16's 16 px token (the token nearest the centre is the one trained on it); or 4, what 8 px tokens
-would leave. The crop keeps the whole glyph either way. Printed every 50 steps: the share of 100 held-out pages' characters it names.
+would leave. The crop keeps the whole glyph either way. Printed every 50 steps: the share of 100 held-out pages'
+characters it names.
 """
 
 from __future__ import annotations

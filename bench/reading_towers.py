@@ -68,7 +68,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (default %(default)s)")
     p.add_argument("--pages", type=int, default=PAGES, help="pages a step (default %(default)s)")
-    p.add_argument("--train_set", choices=("line", "lines"), default="line", help="what it trains on (default %(default)s)")
+    p.add_argument("--train_set", choices=("line", "lines"), default="line",
+                   help="the reading set it trains on (default %(default)s)")
     args = p.parse_args()
     fix_threads(args.threads)
     cfg = ARMS[args.arm](replace(config.mini16(), reading_head=True)).validate()

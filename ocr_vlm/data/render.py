@@ -228,16 +228,21 @@ def reading_line(rng: random.Random, n: int, spec: ReadingSet) -> str:
 
 def reading_page(rng: random.Random, spec: ReadingSet) -> Page:
     """Dark ink on a light background; the block of lines and each line's start placed at random, lines read top
-    to bottom. A draw whose widest line or block of lines would not fit the page is redrawn. The page keeps every character's inked
-    box, in reading order: where the reading head learns each glyph (model/reading.py)."""
+    to bottom. A draw whose widest line or block of lines would not fit the page is redrawn (the line pitch is drawn
+    only once the lines fit across, so sets whose blocks always fit draw the pages they drew before this check).
+    The page keeps every character's inked box, in reading order: where the reading head learns each glyph
+    (model/reading.py)."""
     margin = 4
+    room = spec.side - 2 * margin
     while True:
         face = reading_font(rng.choice(READING_FONTS), rng.randint(*spec.px))
         lines = [reading_line(rng, rng.randint(*spec.chars), spec) for _ in range(rng.randint(*spec.lines))]
         widths = [face.getlength(line) for line in lines]
+        if max(widths) > room:
+            continue
         pitch = round(face.size * rng.uniform(1.2, 1.6))
         height = pitch * (len(lines) - 1) + round(face.size * 1.2)
-        if max(widths) <= spec.side - 2 * margin and height <= spec.side - 2 * margin:
+        if height <= room:
             break
     paper = tuple(rng.randint(200, 255) for _ in range(3))
     ink = tuple(rng.randint(0, 90) for _ in range(3))
