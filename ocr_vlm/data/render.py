@@ -60,7 +60,7 @@ class Page:
         if self.kind == "sign":
             self.image.save(buf, format="JPEG", quality=90)
             return buf.getvalue(), "jpg"
-        self.image.save(buf, format="PNG", optimize=False, compress_level=9)
+        self.image.save(buf, format="PNG", compress_level=6)   # zlib 9 takes 5x as long for 4% fewer bytes
         return buf.getvalue(), "png"
 
 
