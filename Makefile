@@ -45,18 +45,18 @@ demo: setup
 # What makes it learn (ocr_vlm/model/reading.py): 16x16 vision tokens (mini16), about a character each; the reading
 # head, trained per token on the rendered characters' boxes (each token's character and the one before it), gives the
 # towers a gradient of their own; the vision norm keeps them from collapsing under the GPT's loss; the pointer trains
-# one GPT head to look at the character it writes; the reading code hands the GPT what the head names; and the GPT
-# trains at 3x the towers' lr. It trains on pages of up to five of the held-out set's lines (three times the
-# characters a page, so the towers' code forms in fewer steps of fewer pages: 8 a step). The held-out pages come from
-# another seed, so the model has never seen them; runs/read/eval/report.html holds their CER, and the run's
-# metrics.jsonl the learning curve (image gap and CER by minutes and pages seen).
+# one GPT head to look at the next character it writes (and at the image's end when none is left); and the reading
+# code hands the GPT what the head names. It trains on pages of up to eight lines of 4-10 of the held-out set's
+# characters (the towers' code forms by the characters in a step, so 8 fuller pages a step, towers and GPT at one lr).
+# The held-out pages come from another seed, so the model has never seen them; runs/read/eval/report.html holds their
+# CER, and the run's metrics.jsonl the learning curve (image gap and CER by minutes and pages seen).
 READ_SET       ?= line
-READ_TRAIN_SET ?= $(if $(filter line,$(READ_SET)),lines,$(READ_SET))
-READ_PAGES     ?= 30000
+READ_TRAIN_SET ?= $(if $(filter line,$(READ_SET)),dense,$(READ_SET))
+READ_PAGES     ?= 26000
 READ_STEPS     ?= 3000
 READ_ARGS  := --output_dir=runs/read --data.shards=runs/read/data/train --val_shards=runs/read/data/heldout \
-	--preset=mini16 --steps=$(READ_STEPS) --global_batch=2 --micro_batch=1 --data.seq_len=1280 --data.num_workers=1 \
-	--data.shuffle_buffer=500 --lr=3e-3 --vision_lr_scale=0.33 --warmup_steps=10 --schedule=constant --checkpointing= \
+	--preset=mini16 --steps=$(READ_STEPS) --global_batch=2 --micro_batch=1 --data.seq_len=1536 --data.num_workers=1 \
+	--data.shuffle_buffer=500 --lr=3e-3 --vision_lr_scale=1 --warmup_steps=10 --schedule=constant --checkpointing= \
 	--model.vision_norm=true --model.reading_head=true --model.reading_pointer=true --model.reading_code=true \
 	--reading_weight=1 --val_every=250 --val_read=100 --val_read_tokens=24 --log_every=50
 read: setup

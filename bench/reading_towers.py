@@ -7,10 +7,11 @@
 The GPT's side of reading is what bench/reading_gpt.py measures; this bench takes it away. The towers, projector and
 reading head (model/reading.py) of `--preset=mini16` learn from line pages (`READING_SETS["line"]`, rendered on the
 fly) what the trainer's reading loss teaches them: each token's character and the one before it, on the tokens the
-characters' centres fall in; 28 pages a step, AdamW at 1e-3 (`make read`'s towers), clip 1.0 (`--pages` and `--lr`
-change the first two; `--train_set lines` trains on pages of up to five such lines, three times the characters a
-page). Printed every 50 steps: *ink accuracy*, the share of 100 held-out line pages' characters whose token's own
-readout names them (chance about 0.02), and the seconds a step has taken so far.
+characters' centres fall in; 28 pages a step, AdamW at 1e-3, clip 1.0 (`--pages` and `--lr` change the first two;
+`--train_set lines` trains on pages of up to five such lines, three times the characters a page, `--train_set
+dense` on pages of up to eight lines of 4-10 characters). Printed every 50 steps: *ink accuracy*, the share of 100
+held-out line pages' characters whose token's own readout names them (chance about 0.02), and the seconds a step
+has taken so far.
 
 Arms: `narrow`, mini16's SAM (width 32, one head, 2 blocks); `wide`, mini's SAM width and depth (64, two heads, 4
 blocks) at mini16's 4 px patches, which mini16 had before. Run arms one at a time.
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (default %(default)s)")
     p.add_argument("--pages", type=int, default=PAGES, help="pages a step (default %(default)s)")
-    p.add_argument("--train_set", choices=("line", "lines"), default="line",
+    p.add_argument("--train_set", choices=("line", "lines", "dense"), default="line",
                    help="the reading set it trains on (default %(default)s)")
     args = p.parse_args()
     fix_threads(args.threads)

@@ -92,22 +92,25 @@ def test_a_rendered_page_knows_which_token_each_character_is_under():
                Tokenizer.load(MINI_TOKENIZER), cfg)
 
 
-def test_the_pointer_pairs_each_answer_token_with_its_first_characters_token():
+def test_the_pointer_pairs_each_answer_token_with_the_next_characters_token_and_the_end_with_the_separator():
     cfg, tokenizer = config.mini16(), Tokenizer.load(MINI_TOKENIZER)
     page = reading_page(random.Random(3), READING_SETS["page"])          # lines of words: spaces and newlines
     example = decode({"__key__": "p", "json": json.dumps(page_record("p", page, "t").meta).encode(),
                       "png": page.encoded()[0]}, tokenizer, cfg)
     g, image = cfg.vision_grid, example.inputs.index(cfg.image_token_id)
-    written, expected = "", []
+    written, expected, blank = "", [], 0
     for position, target in enumerate(example.targets):
-        if target != IGNORE_INDEX and target != tokenizer.assistant_end_id:
-            token = tokenizer.decode([target])
-            if token.strip():          # a token with ink points at the token of its first inked character
-                row, col = divmod(example.cells[len("".join(written.split()))], g)
-                expected.append((position, image + row * (g + 1) + col))
-            written += token
-    assert written == page.text and len(expected) > 10
+        if target == tokenizer.assistant_end_id:   # the end: the view separator after the grid's rows
+            expected.append((position, image + g * (g + 1)))
+        elif target != IGNORE_INDEX:   # the next inked character from the token's start: its own, or the one after
+            row, col = divmod(example.cells[len("".join(written.split()))], g)
+            expected.append((position, image + row * (g + 1) + col))
+            blank += not tokenizer.decode([target]).strip()
+            written += tokenizer.decode([target])
+    assert written == page.text and len(expected) > 10 and blank > 0
     assert list(example.pointer) == expected
+    separator = image + g * (g + 1)                                          # the image's last placeholder
+    assert example.inputs[separator] == cfg.image_token_id != example.inputs[separator + 1]
 
 
 def test_reading_loss_trains_the_towers_and_not_the_gpt():
@@ -217,7 +220,7 @@ def test_verdict_says_in_words_when_the_model_is_not_reading():
     assert verdict(2.0).startswith("reading")
 
 
-@pytest.mark.parametrize("name", ["page", "lines"])
+@pytest.mark.parametrize("name", ["page", "lines", "dense"])
 def test_reading_pages_are_random_strings_that_fit_and_repeat_by_seed(name):
     from ocr_vlm.data.render import READING_ALPHABET, READING_SETS, reading_page
 

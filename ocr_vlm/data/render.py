@@ -207,6 +207,8 @@ READING_SETS = {
     "line": ReadingSet(lines=(1, 1), chars=(4, 8), px=(24, 32), spaces=False),
     # the line set's lines, up to five a page: the same glyphs, three times the characters a page on average
     "lines": ReadingSet(lines=(1, 5), chars=(4, 8), px=(24, 32), spaces=False),
+    # `make read`'s: up to eight such lines of 4-10 characters, fuller pages for the towers, short ones for the end
+    "dense": ReadingSet(lines=(1, 8), chars=(4, 10), px=(24, 32), spaces=False),
     "page": ReadingSet(lines=(1, 4), chars=(4, 16), px=(16, 28), spaces=True),
 }
 

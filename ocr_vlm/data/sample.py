@@ -90,19 +90,25 @@ def decode(sample: dict, tokenizer: Tokenizer, vlm: VLMConfig) -> Example:
 
 def pointer_pairs(tokenizer: Tokenizer, ids: list[int], response: str, cells: list[int], tiles: int,
                   grid: int) -> tuple[tuple[int, int], ...]:
-    """(position, vision position) for each token of the first answer in `ids` that starts on a character of
-    `response` with ink: the position that predicts the token, and the global-view token of that character (its
-    `cells` entry, laid out after the image's `tiles` tile embeddings, rows of `grid` + a newline)."""
+    """(position, vision position) for each token of the first answer in `ids` and its end token: the position that
+    predicts the token, and the global-view token of the next character of `response` with ink from the token's
+    start (its `cells` entry, laid out after the image's `tiles` tile embeddings, rows of `grid` + a newline). A
+    newline points at the next line's first character; the end token, and whitespace that nothing follows, at the
+    view separator after the grid: "nothing left to read" is a place to look too, so ending a page is one more
+    lookup rather than a guess from the answer's length."""
     inked_index, byte_char = 0, []           # which non-whitespace character each byte of the response belongs to
     for char in response:
         byte_char += [None if char.isspace() else inked_index] * len(char.encode("utf-8"))
         inked_index += not char.isspace()
     image, answer = ids.index(tokenizer.image_id) + tiles, ids.index(tokenizer.assistant_start_id) + 1
     end = ids.index(tokenizer.assistant_end_id, answer)       # the answer's tokens, already encoded in `ids`
+    separator = image + grid * (grid + 1)
     pairs, at = [], 0
-    for i, token in enumerate(tokenizer.token_bytes(ids[answer:end])):
-        char = next((c for c in byte_char[at:at + len(token)] if c is not None), None)
-        if char is not None:
+    for i, token in enumerate(tokenizer.token_bytes(ids[answer:end]) + [b""]):
+        char = next((c for c in byte_char[at:] if c is not None), None)
+        if char is None:
+            pairs.append((answer + i - 1, separator))
+        else:
             row, col = divmod(cells[char], grid)
             pairs.append((answer + i - 1, image + row * (grid + 1) + col))
         at += len(token)

@@ -34,11 +34,14 @@ to read, and the model never starts.
   scratch has to find the few tokens with ink among the page's 273 in the right order, and its attention, spread
   over all of them at first, passes back a gradient too weak to learn where to look (given perfect codes, a mini16
   GPT stayed blind for 600 steps, bench/reading_gpt.py). So one head (POINTER_HEAD of POINTER_LAYER) is trained
-  to attend, from the position that writes each answer token, to the vision token of that token's first character
-  (`pointer_pairs`): minus the log of that attention, averaged per page. With perfect codes that also name the
-  previous character (and the pointer then in the middle layer), it attended 0.80 to the right token by step 50 and
-  the GPT read 0.79 of the held-out tokens by step 350 (teacher-forced; 0.15 is blind); with codes of the character
-  alone, 0.30 by step 250, nothing read.
+  to attend, from the position that writes each answer token, to the vision token of the next character it writes
+  (a newline: the next line's first), and from the one that writes the end, to the view separator after the grid
+  (`pointer_pairs`): minus the log of that attention, averaged per page. Where the page ends is then a lookup like
+  any other; trained on pages of 1–8 lines without it, the line model's answers to one-line pages ran longer than
+  the line (held-out CER above 1) for its first 20 minutes. With perfect codes that also name the previous
+  character (and the pointer then in the middle layer), it attended 0.80 to the right token by step 50 and the GPT
+  read 0.79 of the held-out tokens by step 350 (teacher-forced; 0.15 is blind); with codes of the character alone,
+  0.30 by step 250, nothing read.
   The pointer is a head of the first layer because what it moves must still be the code: everything it needs is in
   the embeddings (the token just written, each vision token's code of what it follows), and the layers above
   overwrite the vision tokens. With the pointer in the middle layer of the line model, at step 2,000 it rested on the
