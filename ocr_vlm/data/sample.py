@@ -100,12 +100,15 @@ def pointer_pairs(tokenizer: Tokenizer, ids: list[int], response: str, cells: li
     for char in response:
         byte_char += [None if char.isspace() else inked_index] * len(char.encode("utf-8"))
         inked_index += not char.isspace()
+    next_char = [None] * (len(byte_char) + 1)      # the first inked character at or after each byte
+    for at in reversed(range(len(byte_char))):
+        next_char[at] = byte_char[at] if byte_char[at] is not None else next_char[at + 1]
     image, answer = ids.index(tokenizer.image_id) + tiles, ids.index(tokenizer.assistant_start_id) + 1
     end = ids.index(tokenizer.assistant_end_id, answer)       # the answer's tokens, already encoded in `ids`
     separator = image + grid * (grid + 1)
     pairs, at = [], 0
     for i, token in enumerate(tokenizer.token_bytes(ids[answer:end]) + [b""]):
-        char = next((c for c in byte_char[at:] if c is not None), None)
+        char = next_char[at]
         if char is None:
             pairs.append((answer + i - 1, separator))
         else:
