@@ -98,10 +98,11 @@ def test_the_pointer_pairs_each_answer_token_with_the_next_characters_token_and_
     example = decode({"__key__": "p", "json": json.dumps(page_record("p", page, "t").meta).encode(),
                       "png": page.encoded()[0]}, tokenizer, cfg)
     g, image = cfg.vision_grid, example.inputs.index(cfg.image_token_id)
+    separator = image + g * (g + 1)                                          # the image's last placeholder
     written, expected, blank = "", [], 0
     for position, target in enumerate(example.targets):
         if target == tokenizer.assistant_end_id:   # the end: the view separator after the grid's rows
-            expected.append((position, image + g * (g + 1)))
+            expected.append((position, separator))
         elif target != IGNORE_INDEX:   # the next inked character from the token's start: its own, or the one after
             row, col = divmod(example.cells[len("".join(written.split()))], g)
             expected.append((position, image + row * (g + 1) + col))
@@ -109,7 +110,6 @@ def test_the_pointer_pairs_each_answer_token_with_the_next_characters_token_and_
             written += tokenizer.decode([target])
     assert written == page.text and len(expected) > 10 and blank > 0
     assert list(example.pointer) == expected
-    separator = image + g * (g + 1)                                          # the image's last placeholder
     assert example.inputs[separator] == cfg.image_token_id != example.inputs[separator + 1]
 
 
