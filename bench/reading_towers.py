@@ -57,10 +57,9 @@ def ink_accuracy(model, held_out: tuple[torch.Tensor, ...]) -> float:
     pixels, targets, lengths, cells = held_out
     model.eval()
     with torch.no_grad():
-        own, _ = model.reading_head(model.projected_tokens(pixels))
+        named, placed = model.reading_head.named(model.projected_tokens(pixels), targets, lengths, cells).tolist()
     model.train()
-    page = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    return (own[page, cells].argmax(-1) == targets).float().mean().item()
+    return named / placed
 
 
 def main() -> None:
@@ -69,7 +68,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (default %(default)s)")
     p.add_argument("--pages", type=int, default=PAGES, help="pages a step (default %(default)s)")
-    p.add_argument("--train_set", choices=("line", "lines", "dense"), default="line",
+    p.add_argument("--train_set", choices=sorted(READING_SETS), default="line",
                    help="the reading set it trains on (default %(default)s)")
     args = p.parse_args()
     fix_threads(args.threads)

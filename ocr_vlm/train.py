@@ -356,8 +356,9 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Validation loss over every target token of the val shards (each sample once across ranks), and whether the
-        model reads: the loss with each sample given another sample's image, and the image-dependent share of the
-        vision tokens (diagnostics.py)."""
+        model reads: the loss with each sample given another sample's image, the image-dependent share of the
+        vision tokens (diagnostics.py), and with a reading head, how many of the characters whose place the pages
+        know it names."""
         val_data = dataclasses.replace(self.cfg.data, shards=self.cfg.val_shards, text_ratio=0.0, num_workers=0)
         batches = iter(Loader(val_data, self.cfg.model, self.tokenizer_path, self.rank, self.world, finite=True,
                               batch_rows=self.cfg.micro_batch))
@@ -365,6 +366,7 @@ class Trainer:
         # own and other image loss x tokens, tokens; which bytes the pages hold (the reading head's classes)
         total, classes, last = torch.zeros(3, dtype=torch.float64), torch.zeros(CLASSES, dtype=torch.float64), None
         share = VisionShare(self.cfg.model.vision_grid ** 2, self.cfg.model.gpt.n_embd)
+        module, named = self.model_engine.module, torch.zeros(2, dtype=torch.float64)   # the head's (named, placed)
         while True:
             batch = next(batches, None)
             # ZeRO-3 gathers parameters collectively: ranks whose share ran out repeat a batch with zero weight.
@@ -379,13 +381,17 @@ class Trainer:
             if weight:
                 classes[batch["reading_targets"]] = 1
             pixels = batch["pixel_values"].to(self.device)
-            if weight and len(pixels):
-                share.add(self.model_engine.module.vision_tokens(pixels))
-            elif len(pixels):
-                self.model_engine.module.vision_tokens(pixels)     # the collective gathers every rank takes part in
+            if len(pixels):      # weighted or not: ZeRO-3's gathers are collectives every rank takes part in
+                projected = module.projected_tokens(pixels)
+                tokens = module.read_tokens(projected)
+                if module.reading_head is not None:
+                    places = [batch[k].to(self.device) for k in ("reading_targets", "reading_lengths", "reading_cells")]
+                    named += module.reading_head.named(projected, *places).cpu().double() * weight
+                if weight:
+                    share.add(tokens)
             last = batch
         total, share.moments = self._sum_over_ranks(total), self._sum_over_ranks(share.moments)
-        classes = self._sum_over_ranks(classes)
+        classes, named = self._sum_over_ranks(classes), self._sum_over_ranks(named)
         self.model_engine.train()
         tokens = total[2].clamp(min=1)
         result = {"eval/loss": (total[0] / tokens).item(), "eval/loss_other_image": (total[1] / tokens).item(),
@@ -394,6 +400,8 @@ class Trainer:
         dist.print0(f"step {self.step:05d} | val loss {result['eval/loss']:.4f} over {int(total[2])} target tokens | "
                     f"with another page's image {result['eval/loss_other_image']:.4f} | image-dependent share of "
                     f"vision tokens {result['eval/vision_share']:.4f} | {verdict(result['eval/image_gap'])}")
+        if named[1]:
+            result["eval/head_accuracy"] = (named[0] / named[1]).item()
         if self.recent_reading[1]:
             # The head as trained: under the norm's batch statistics. Evaluation's tracked statistics would measure
             # how far those lag behind towers that move fast, not whether the towers tell characters apart.
@@ -401,7 +409,9 @@ class Trainer:
             result["eval/reading_classes"] = int((classes > 0).sum())
             self.recent_reading = [0.0, 0]
             dist.print0(f"step {self.step:05d} | "
-                        f"{towers_verdict(result['eval/reading_loss_train'], result['eval/reading_classes'])}")
+                        f"{towers_verdict(result['eval/reading_loss_train'], result['eval/reading_classes'])}"
+                        + (f"; its readout names {result['eval/head_accuracy']:.0%} of the val pages' characters "
+                           f"on their tokens" if "eval/head_accuracy" in result else ""))
         predictions = []
         if self.cfg.val_read:
             read, predictions = self._read_back()

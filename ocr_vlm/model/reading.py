@@ -140,6 +140,16 @@ class ReadingHead(nn.Module):
         own, previous = self(tokens)
         return self.code(torch.cat([own.softmax(-1), previous.softmax(-1)], -1).to(self.code.weight.dtype))
 
+    def named(self, tokens: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
+              cells: torch.Tensor) -> torch.Tensor:
+        """(named, placed): of the bytes whose token is known (`cells` >= 0, as `loss` takes them), how many the
+        own readout of that token names. Set against the CER of what the GPT writes, it says which side lags."""
+        own, _ = self(tokens)
+        page = torch.repeat_interleave(torch.arange(len(lengths), device=targets.device), lengths)
+        known = cells >= 0
+        named = own[page[known], cells[known]].argmax(-1) == targets[known]
+        return torch.stack([named.sum(), known.sum()])
+
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
              cells: torch.Tensor | None = None) -> torch.Tensor:
         """The mean of the two readouts' `byte_loss`: each token's character, and the character before it."""
