@@ -15,8 +15,10 @@ repeat a line back (the user's turn holds the line, the answer repeats it): the 
 arrives with; `pointer`, from scratch with the pointer's loss (model/reading.py) added; `pointer_previous`, the
 pointer with codes that also name the previous character, as the reading head's second readout trains the real
 towers to. Printed every 50 steps: held-out loss per answer token and teacher-forced token accuracy (the end token
-included; a model that reads nothing gets about 0.15 of the tokens right: the end, and chance), and with the
-pointer the attention it pays to the right token. Not a timing: it measures steps to learn; run arms one at a time.
+included; a model that reads nothing gets about 0.15 of the tokens right: the end, and chance), with the pointer
+the attention it pays to the right token, and the accuracy right after a doubled character (`tt`) on 100 held-out
+lines that have one: the first-layer pointer's query then holds the same character as one token before, so it asks
+for the same token again. Not a timing: it measures steps to learn; run arms one at a time.
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ def padded(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch
 
 
 class Pages:
-    """Line pages as (ids, targets, perfect vision codes)."""
+    """Line pages as (ids, targets, perfect vision codes); `doubled`: only lines with two like characters side by
+    side (about one line in ten), drawn until one comes."""
 
-    def __init__(self, cfg: config.VLMConfig, tokenizer: Tokenizer, seed: int, previous: bool):
+    def __init__(self, cfg: config.VLMConfig, tokenizer: Tokenizer, seed: int, previous: bool, doubled: bool = False):
         self.cfg, self.tokenizer, self.rng, self.previous = cfg, tokenizer, random.Random(seed), previous
+        self.doubled = doubled
         generator = torch.Generator().manual_seed(0)
         self.codes, self.previous_codes = torch.randn(2, BACKGROUND_CODE + 1, cfg.gpt.n_embd, generator=generator)
 
@@ -68,6 +72,8 @@ class Pages:
         rows, vision, pairs = [], [], []
         for row in range(n):
             page = reading_page(self.rng, LINE)
+            while self.doubled and not any(a == b for a, b in zip(page.text, page.text[1:])):
+                page = reading_page(self.rng, LINE)
             cells = token_cells(character_centres(page.chars, page.text), page.image.size, self.cfg)
             codes = self.codes[BACKGROUND_CODE].repeat(self.cfg.vision_grid ** 2, 1)
             before = BACKGROUND_CODE
@@ -89,8 +95,10 @@ class Pages:
 
 
 def answer_loss(model: VLM, ids: torch.Tensor, targets: torch.Tensor, x: torch.Tensor,
-                pairs: torch.Tensor | None = None) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """(answer loss, teacher-forced accuracy, the pointer's loss: 0 without `pairs`)."""
+                pairs: torch.Tensor | None = None,
+                after_double: bool = False) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(answer loss, teacher-forced accuracy, the pointer's loss: 0 without `pairs`); `after_double`: the accuracy
+    only where the token just read repeats the one before it, the position that must write what follows the pair."""
     if pairs is None:
         h, pointer = model.gpt.hidden(x), x.new_zeros(())
     else:
@@ -98,6 +106,9 @@ def answer_loss(model: VLM, ids: torch.Tensor, targets: torch.Tensor, x: torch.T
         pointer = pointer_loss(log_attention, pairs[:, 3], len(ids))
     logits = model.gpt.logits(h).float()
     supervised = targets != IGNORE_INDEX
+    if after_double:
+        supervised[:, 1:] &= ids[:, 1:] == ids[:, :-1]
+        supervised[:, 0] = False
     accuracy = (logits.argmax(-1)[supervised] == targets[supervised]).float().mean().item()
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX), accuracy, pointer
 
@@ -111,7 +122,7 @@ def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previo
     gpt_side = model.component_parameters("gpt") + [model.image_newline, model.view_separator]
     optimizer = torch.optim.AdamW(gpt_side + list(projector.parameters()), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     train, held_out = Pages(cfg, tokenizer, 1, previous), Pages(cfg, tokenizer, 2, previous)
-    val = held_out.batch(100)
+    val, doubled = held_out.batch(100), Pages(cfg, tokenizer, 3, previous, doubled=True).batch(100)
 
     def step(loss: torch.Tensor) -> None:
         optimizer.zero_grad()
@@ -133,8 +144,11 @@ def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previo
             with torch.no_grad():
                 ids, targets, vision, pairs = val
                 loss, accuracy, pointing = answer_loss(model, ids, targets, model.embed(ids, projector(vision)), pairs)
+                ids, targets, vision, _ = doubled
+                _, after, _ = answer_loss(model, ids, targets, model.embed(ids, projector(vision)), after_double=True)
             print(f"{name}: step {i:4d} | held-out loss {loss.item():.3f} | teacher-forced accuracy {accuracy:.3f} | "
-                  f"attention on the character's token {math.exp(-pointing.item()):.2f}", flush=True)
+                  f"attention on the character's token {math.exp(-pointing.item()):.2f} | after a doubled character "
+                  f"{after:.3f}", flush=True)
 
 
 def main() -> None:
