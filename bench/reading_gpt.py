@@ -12,11 +12,12 @@ mini16 GPT and its newline/separator embeddings learn to answer "Free OCR." with
 
 Arms: `scratch`, the GPT from scratch; `copy`, the same GPT first trained `--copy_steps` steps on text alone to
 repeat a line back (the user's turn holds the line, the answer repeats it): the copying a pretrained nanochat
-arrives with; `pointer`, from scratch with the pointer's loss (model/reading.py) added; `pointer_previous`, the
-pointer with codes that also name the previous character, as the reading head's second readout trains the real
-towers to. Printed every 50 steps: held-out loss per answer token and teacher-forced token accuracy (the end token
-included; a model that reads nothing gets about 0.15 of the tokens right: the end, and chance), with the pointer
-the attention it pays to the right token, and the accuracy right after a doubled character (`tt`) on 100 held-out
+arrives with; `pointer`, from scratch with the pointer's loss (model/reading.py: where its head looks, and what it
+carries from there) added; `pointer_previous`, the pointer with codes that also name the previous character, as the
+reading head's second readout trains the real towers to. Printed every 50 steps: held-out loss per answer token and
+teacher-forced token accuracy (the end token included; a model that reads nothing gets about 0.15 of the tokens
+right: the end, and chance), with the pointer the attention its head pays to the right token (geometric mean over
+the answer tokens), and the accuracy right after a doubled character (`tt`) on 100 held-out
 lines that have one: the first-layer pointer's query then holds the same character as one token before, so it asks
 for the same token again. Not a timing: it measures steps to learn; run arms one at a time.
 """
@@ -96,21 +97,23 @@ class Pages:
 
 def answer_loss(model: VLM, ids: torch.Tensor, targets: torch.Tensor, x: torch.Tensor,
                 pairs: torch.Tensor | None = None,
-                after_double: bool = False) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """(answer loss, teacher-forced accuracy, the pointer's loss: 0 without `pairs`); `after_double`: the accuracy
-    only where the token just read repeats the one before it, the position that must write what follows the pair."""
+                after_double: bool = False) -> tuple[torch.Tensor, float, torch.Tensor, float]:
+    """(answer loss, teacher-forced accuracy, the pointer's loss, the attention its head pays to the character's token
+    (geometric mean): 0 and nan without `pairs`); `after_double`: the accuracy only where the token just read
+    repeats the one before it, the position that must write what follows the pair."""
     if pairs is None:
-        h, pointer = model.gpt.hidden(x), x.new_zeros(())
+        h, pointer, attention = model.gpt.hidden(x), x.new_zeros(()), math.nan
     else:
-        h, log_attention = model.gpt.hidden(x, attention=(POINTER_LAYER, POINTER_HEAD, pairs[:, :3]))
-        pointer = pointer_loss(log_attention, pairs[:, 3], len(ids))
+        h, attended = model.gpt.hidden(x, attention=(POINTER_LAYER, POINTER_HEAD, pairs[:, :3]))
+        pointer, attention = pointer_loss(model.gpt, attended, targets, pairs, len(ids)), attended[0].mean().exp().item()
     logits = model.gpt.logits(h).float()
     supervised = targets != IGNORE_INDEX
     if after_double:
         supervised[:, 1:] &= ids[:, 1:] == ids[:, :-1]
         supervised[:, 0] = False
     accuracy = (logits.argmax(-1)[supervised] == targets[supervised]).float().mean().item()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX), accuracy, pointer
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return loss, accuracy, pointer, attention
 
 
 def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previous: bool, fixed_map: bool) -> None:
@@ -131,23 +134,24 @@ def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previo
 
     for i in range(1, copy_steps + 1):
         ids, targets = train.copy_batch(PAGES)
-        loss, _, _ = answer_loss(model, ids, targets, model.gpt.embed(ids))
+        loss, *_ = answer_loss(model, ids, targets, model.gpt.embed(ids))
         step(loss)
         if i % 200 == 0:
             print(f"{name}: copy step {i:4d} | loss {loss.item():.3f}", flush=True)
     for i in range(1, steps + 1):
         ids, targets, vision, pairs = train.batch(PAGES)
-        loss, _, pointing = answer_loss(model, ids, targets, model.embed(ids, projector(vision)),
-                                        pairs if pointer else None)
+        loss, _, pointing, _ = answer_loss(model, ids, targets, model.embed(ids, projector(vision)),
+                                           pairs if pointer else None)
         step(loss + pointing)
         if i % 50 == 0:
             with torch.no_grad():
                 ids, targets, vision, pairs = val
-                loss, accuracy, pointing = answer_loss(model, ids, targets, model.embed(ids, projector(vision)), pairs)
+                loss, accuracy, _, attention = answer_loss(model, ids, targets, model.embed(ids, projector(vision)),
+                                                           pairs)
                 ids, targets, vision, _ = doubled
-                _, after, _ = answer_loss(model, ids, targets, model.embed(ids, projector(vision)), after_double=True)
+                _, after, *_ = answer_loss(model, ids, targets, model.embed(ids, projector(vision)), after_double=True)
             print(f"{name}: step {i:4d} | held-out loss {loss.item():.3f} | teacher-forced accuracy {accuracy:.3f} | "
-                  f"attention on the character's token {math.exp(-pointing.item()):.2f} | after a doubled character "
+                  f"attention on the character's token {attention:.2f} | after a doubled character "
                   f"{after:.3f}", flush=True)
 
 

@@ -84,9 +84,9 @@ def test_document_attention_equals_the_dense_document_mask(kv_heads):
         torch.testing.assert_close(per_document, dense, atol=1e-6, rtol=1e-6)
 
 
-def test_the_attention_a_head_pays_is_what_the_pointer_is_trained_on():
-    """In a packed row with GQA: the head's output is the value vectors weighed by `log_attention`'s probabilities,
-    over the query's own document only."""
+def test_the_attention_a_head_pays_and_what_it_carries_are_what_the_pointer_is_trained_on():
+    """In a packed row with GQA: the head's output is the value vectors weighed by `one_head`'s attention, over the
+    query's own document only, and `one_head`'s output is that through the head's share of c_proj."""
     torch.manual_seed(0)
     gpt = GPT(SMALL)
     randomize(gpt, 0.05)                 # nanochat's zero-initialised projections would make layer 1 see layer 0's input
@@ -97,8 +97,8 @@ def test_the_attention_a_head_pays_is_what_the_pointer_is_trained_on():
     gpt.transformer.h[layer].attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
     gpt.transformer.h[layer].attn.c_proj.register_forward_pre_hook(lambda m, args: outputs.append(args[0]))
     pairs = torch.tensor([[0, query, key] for key in range(14)])
-    _, log_attention = gpt.hidden(gpt.embed(torch.randint(0, 97, (1, 14))), position_ids, doc_ids,
-                                  attention=(layer, head, pairs))
+    _, (log_attention, carried) = gpt.hidden(gpt.embed(torch.randint(0, 97, (1, 14))), position_ids, doc_ids,
+                                             attention=(layer, head, pairs))
     weights = log_attention.exp()
     assert weights[:5].sum() == 0 and weights[query + 1:].sum() == 0       # another document; the future
     torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
@@ -107,6 +107,8 @@ def test_the_attention_a_head_pays_is_what_the_pointer_is_trained_on():
     _, _, v = attn.project(inputs[0], cos, sin)
     expected = weights @ v[0, head // 2]                                   # 4 heads share 2 key/value heads
     torch.testing.assert_close(outputs[0][0, query].view(4, -1)[head], expected, atol=1e-5, rtol=1e-5)
+    alone = outputs[0][0, query].view(4, -1) * (torch.arange(4) == head).unsqueeze(1)    # the other heads' share zeroed
+    torch.testing.assert_close(carried, attn.c_proj(alone.flatten()).expand(14, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_documents_are_runs_within_a_row():

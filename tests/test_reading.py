@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from ocr_vlm import config
-from ocr_vlm.config import ConfigError
+from ocr_vlm.config import ConfigError, GPTConfig
 from ocr_vlm.data.render import READING_SETS, page_record, reading_page
 from ocr_vlm.data.sample import decode
 from ocr_vlm.diagnostics import BLIND_GAP, VisionShare, mismatched, verdict
-from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import (BACKGROUND, CLASSES, ReadingHead, VisionNorm, byte_loss, reading_cells,
-                                   reading_targets)
+from ocr_vlm.model.gpt import GPT, IGNORE_INDEX, norm
+from ocr_vlm.model.reading import (BACKGROUND, CLASSES, ReadingHead, VisionNorm, byte_loss, pointer_loss,
+                                   reading_cells, reading_targets)
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
@@ -124,6 +124,20 @@ def test_the_pointer_pairs_each_answer_token_with_the_next_characters_token_and_
     assert written == page.text and len(expected) > 10 and blank > 0
     assert list(example.pointer) == expected
     assert example.inputs[separator] == cfg.image_token_id != example.inputs[separator + 1]
+
+
+def test_the_pointers_loss_is_where_its_head_looks_and_what_it_carries_with_every_page_weighed_alike():
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(sequence_len=32, vocab_size=97, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+    torch.nn.init.normal_(gpt.lm_head.weight)                             # nanochat starts it at zero
+    log_attention, carried = torch.tensor([0.5, 0.25, 0.9]).log(), torch.randn(3, 64)
+    targets = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    pairs = torch.tensor([[0, 0, 20, 0], [0, 1, 21, 0], [1, 2, 22, 2]])     # (row, position, key, page); page 1 has none
+    carries = torch.nn.functional.cross_entropy(gpt.logits(norm(carried)), torch.tensor([5, 6, 11]), reduction="none")
+    looks_and_carries = carries - log_attention
+    expected = (looks_and_carries[:2].mean() + looks_and_carries[2]) / 2
+    torch.testing.assert_close(pointer_loss(gpt, (log_attention, carried), targets, pairs, 3), expected)
+    assert pointer_loss(gpt, (log_attention[:0], carried[:0]), targets, pairs[:0], 3) == 0
 
 
 def test_reading_loss_trains_the_towers_and_not_the_gpt():

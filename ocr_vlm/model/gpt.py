@@ -126,15 +126,17 @@ class CausalSelfAttention(nn.Module):
             y = attention(q, k, v, mask=layout, causal=layout is None and q.shape[2] == k.shape[2], gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def log_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None,
-                      pairs: torch.Tensor, head: int) -> torch.Tensor:
-        """The log of the attention `head` pays from each of `pairs`' queries to its key, as `forward` would attend
-        (causal, within the query's document). pairs: (P, 3) = (row, query position, key position), in row order."""
-        q, k, _ = self.project(x, cos, sin)
+    def one_head(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None,
+                 pairs: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `head` does at each of `pairs`' queries, attending as `forward` would (causal, within the query's
+        document): the log of the attention it pays to the pair's key, and its output (the values it weighs, through
+        its share of c_proj: what it alone adds to the residual stream). pairs: (P, 3) = (row, query position, key
+        position), in row order."""
+        q, k, v = self.project(x, cos, sin)
         rows, queries, keys = pairs.unbind(1)
         kv_head = head // (self.n_head // self.n_kv_head)
         positions = torch.arange(x.shape[1], device=x.device)
-        out = []
+        log_probs, outputs = [], []
         # one row at a time: a (pairs, T) score matrix per row, not (pairs, T, head_dim) keys gathered per pair
         row_ids, counts = rows.unique_consecutive(return_counts=True)
         for row, at in zip(row_ids.tolist(), queries.split(counts.tolist())):
@@ -142,9 +144,12 @@ class CausalSelfAttention(nn.Module):
             visible = positions <= at.unsqueeze(1)
             if doc_ids is not None:
                 visible &= doc_ids[row] == doc_ids[row, at].unsqueeze(1)
-            out.append(scores.float().masked_fill(~visible, float("-inf")).log_softmax(-1))
-        log_probs = torch.cat(out) if out else q.new_zeros(0, x.shape[1], dtype=torch.float32)
-        return log_probs.gather(1, keys.unsqueeze(1)).squeeze(1)
+            log_probs.append(scores.float().masked_fill(~visible, float("-inf")).log_softmax(-1))
+            outputs.append(log_probs[-1].exp().to(v.dtype) @ v[row, kv_head])
+        log_probs = torch.cat(log_probs) if log_probs else q.new_zeros(0, x.shape[1], dtype=torch.float32)
+        weighed = torch.cat(outputs) if outputs else v.new_zeros(0, self.head_dim)
+        share = self.c_proj.weight[:, head * self.head_dim:(head + 1) * self.head_dim]
+        return log_probs.gather(1, keys.unsqueeze(1)).squeeze(1), weighed @ share.T
 
 
 class MLP(nn.Module):
@@ -223,7 +228,7 @@ class GPT(nn.Module):
         """(B, T, D) embeddings of the new tokens -> final-normed hidden states.
 
         With a cache, `key_valid` covers the cached and the new positions: (B, cache.length + T). With `attention` =
-        (layer, head, pairs) it returns (hidden states, that head's `log_attention` over the pairs) instead."""
+        (layer, head, pairs) it returns (hidden states, that head's `one_head` over the pairs) instead."""
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -236,7 +241,7 @@ class GPT(nn.Module):
         attended = None
         for i, block in enumerate(self.transformer.h):
             if attention is not None and i == attention[0]:      # outside the checkpoint: computed once, kept for backward
-                attended = block.attn.log_attention(norm(x), cos, sin, doc_ids, attention[2], attention[1])
+                attended = block.attn.one_head(norm(x), cos, sin, doc_ids, attention[2], attention[1])
             args = (x, cos, sin, layout, cache, i)   # the same call either way: a checkpointed block still fills the cache
             x = checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
         if cache is not None:

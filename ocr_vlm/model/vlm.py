@@ -7,7 +7,8 @@
     (from scratch) the projected tokens ─ vision_norm ─▶ standardised over the pages, per position
     (training only) the projected tokens (N,g²,D) ─ reading_head ─▶ loss against the page's characters
     (reading_code) the reading head's readouts ─ embedded ─▶ added to the normed tokens the GPT reads
-    (training only) one GPT head's attention ─ pointer ─▶ loss: it should rest on the character being written
+    (training only) one GPT head's attention ─ pointer ─▶ loss: it should rest on the character being written,
+                    and its output alone name it
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ class VLM(nn.Module):
             head = self.reading_head.loss(projected, reading.targets, reading.lengths, reading.cells)
         else:
             head = 0.0 * self.reading_head(projected).sum() if self.training else loss * 0.0
-        pointer = pointer_loss(attended, reading.pointer[:, 3], len(reading.lengths)) if pointing else head * 0.0
+        pointer = pointer_loss(self.gpt, attended, targets, reading.pointer, len(reading.lengths)) if pointing \
+            else head * 0.0
         return loss, head, pointer
 
     def freeze(self, components: tuple[str, ...]) -> None:
