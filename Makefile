@@ -47,8 +47,8 @@ demo: setup
 # towers a gradient of their own; the vision norm keeps them from collapsing under the GPT's loss; the pointer trains
 # one GPT head to look at the next character it writes (and at the image's end when none is left) and to carry what
 # it finds there to the output; and the reading code hands the GPT what the head names. It trains on pages of up to
-# eight lines of 4-10 of the held-out set's
-# characters (the towers' code forms by the characters in a step, so 8 fuller pages a step, towers and GPT at one lr).
+# eight lines of 4-10 of the held-out set's characters (the towers' code forms by the characters in a step, so 8
+# fuller pages a step, towers and GPT at one lr).
 # The held-out pages come from another seed, so the model has never seen them; runs/read/eval/report.html holds their
 # CER, and the run's metrics.jsonl the learning curve (image gap and CER by minutes and pages seen).
 READ_SET       ?= line
