@@ -156,7 +156,7 @@ class ReadingHead(nn.Module):
         """(named, placed): of the bytes whose token is known (`cells` >= 0, as `loss` takes them), how many the
         own readout of that token names. Set against the CER of what the GPT writes, it says which side lags."""
         own, _ = self(tokens)
-        page = torch.repeat_interleave(torch.arange(len(lengths), device=targets.device), lengths)
+        page = pages_of(lengths)
         known = cells >= 0
         named = own[page[known], cells[known]].argmax(-1) == targets[known]
         return torch.stack([named.sum(), known.sum()])
@@ -171,6 +171,11 @@ class ReadingHead(nn.Module):
         return (byte_loss(own, targets, lengths, cells) + byte_loss(previous, before, lengths, cells)) / 2
 
 
+def pages_of(lengths: torch.Tensor) -> torch.Tensor:
+    """The page of each of the pages' concatenated reading targets, from how many each page has."""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+
+
 def byte_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
               cells: torch.Tensor | None) -> torch.Tensor:
     """Mean over the pages of each page's loss; logits (N, tokens, CLASSES). `targets` holds every page's bytes
@@ -179,7 +184,7 @@ def byte_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor
     BACKGROUND), averaged over its tokens with characters plus that over the rest. Any other page: the cross-entropy
     from its byte histogram to the pooled prediction; a page without characters adds zero."""
     n, device = len(lengths), targets.device
-    page = torch.repeat_interleave(torch.arange(n, device=device), lengths)
+    page = pages_of(lengths)
     ones = torch.ones(len(targets), device=device)
     counts = torch.zeros(n, CLASSES, device=device).index_put_((page, targets), ones, accumulate=True)
     histogram = counts / lengths.clamp(min=1).unsqueeze(1)
