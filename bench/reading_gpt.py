@@ -17,9 +17,9 @@ carries from there) added; `pointer_previous`, the pointer with codes that also 
 reading head's second readout trains the real towers to. Printed every 50 steps: held-out loss per answer token and
 teacher-forced token accuracy (the end token included; a model that reads nothing gets about 0.15 of the tokens
 right: the end, and chance), with the pointer the attention its head pays to the right token (geometric mean over
-the answer tokens), and the accuracy right after a doubled character (`tt`) on 100 held-out
-lines that have one: the first-layer pointer's query then holds the same character as one token before, so it asks
-for the same token again. Not a timing: it measures steps to learn; run arms one at a time.
+the answer tokens), and the accuracy right after a doubled character (`tt`) on 100 held-out lines that have one: the
+first-layer pointer's query then holds the same character as one token before, so it asks for the same token again.
+Not a timing: it measures steps to learn; run arms one at a time.
 """
 
 from __future__ import annotations
