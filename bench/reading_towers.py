@@ -57,7 +57,7 @@ def ink_accuracy(model, held_out: tuple[torch.Tensor, ...]) -> float:
     pixels, targets, lengths, cells = held_out
     model.eval()
     with torch.no_grad():
-        named, placed = model.reading_head.named(model.projected_tokens(pixels), targets, lengths, cells).tolist()
+        named, _, placed = model.reading_head.named(model.projected_tokens(pixels), targets, lengths, cells).tolist()
     model.train()
     return named / placed
 

@@ -366,7 +366,7 @@ class Trainer:
         # own and other image loss x tokens, tokens; which bytes the pages hold (the reading head's classes)
         total, classes, last = torch.zeros(3, dtype=torch.float64), torch.zeros(CLASSES, dtype=torch.float64), None
         share = VisionShare(self.cfg.model.vision_grid ** 2, self.cfg.model.gpt.n_embd)
-        module, named = self.model_engine.module, torch.zeros(2, dtype=torch.float64)   # the head's (named, placed)
+        module, named = self.model_engine.module, torch.zeros(3, dtype=torch.float64)   # the head's `named`
         while True:
             batch = next(batches, None)
             # ZeRO-3 gathers parameters collectively: ranks whose share ran out repeat a batch with zero weight.
@@ -400,8 +400,9 @@ class Trainer:
         dist.print0(f"step {self.step:05d} | val loss {result['eval/loss']:.4f} over {int(total[2])} target tokens | "
                     f"with another page's image {result['eval/loss_other_image']:.4f} | image-dependent share of "
                     f"vision tokens {result['eval/vision_share']:.4f} | {verdict(result['eval/image_gap'])}")
-        if named[1]:
-            result["eval/head_accuracy"] = (named[0] / named[1]).item()
+        if named[2]:
+            result["eval/head_accuracy"] = (named[0] / named[2]).item()
+            result["eval/head_previous_accuracy"] = (named[1] / named[2]).item()
         if self.recent_reading[1]:
             # The head as trained: under the norm's batch statistics. Evaluation's tracked statistics would measure
             # how far those lag behind towers that move fast, not whether the towers tell characters apart.
@@ -410,8 +411,9 @@ class Trainer:
             self.recent_reading = [0.0, 0]
             dist.print0(f"step {self.step:05d} | "
                         f"{towers_verdict(result['eval/reading_loss_train'], result['eval/reading_classes'])}"
-                        + (f"; its readout names {result['eval/head_accuracy']:.0%} of the val pages' characters "
-                           f"on their tokens" if "eval/head_accuracy" in result else ""))
+                        + (f"; its readouts name {result['eval/head_accuracy']:.0%} of the val pages' characters on "
+                           f"their tokens, and {result['eval/head_previous_accuracy']:.0%} the character before"
+                           if "eval/head_accuracy" in result else ""))
         predictions = []
         if self.cfg.val_read:
             read, predictions = self._read_back()

@@ -76,17 +76,21 @@ def test_the_reading_head_also_reads_the_character_before_each_token():
     assert torch.allclose(head.loss(tokens, targets, lengths, cells), expected, atol=1e-6)
 
 
-def test_the_head_counts_the_placed_characters_its_own_readout_names_on_their_tokens():
+def test_the_head_counts_the_placed_characters_each_readout_names_on_their_tokens():
     head = ReadingHead(width=CLASSES)
-    with torch.no_grad():        # the own readout's logits are the tokens themselves
-        head.proj.weight.copy_(torch.eye(CLASSES))
-        head.proj.bias.zero_()
+    with torch.no_grad():        # both readouts' logits are the tokens themselves
+        for readout in (head.proj, head.previous):
+            readout.weight.copy_(torch.eye(CLASSES))
+            readout.bias.zero_()
     tokens = torch.zeros(2, 3, CLASSES)
     tokens[0, 0, ord("a")] = tokens[0, 2, ord("c")] = tokens[1, 1, ord("d")] = 1.0   # names a, c, d at those tokens
-    # page 0 "a b": a named at token 0, b (token 2) read as c; page 1 "d" has no positions, so it is not counted
+    # page 0 "a b": a named at token 0, b (token 2) read as c; page 1 "d" has no positions, so it is not counted.
+    # What comes before: a is the page's first (BACKGROUND, which token 0 does not name), before b comes a (not c).
     targets = torch.tensor(reading_targets("a b") + reading_targets("d"))
     cells = torch.tensor(reading_cells("a b", [0, 2]) + reading_cells("d", None))
-    assert head.named(tokens, targets, torch.tensor([2, 1]), cells).tolist() == [1, 2]
+    assert head.named(tokens, targets, torch.tensor([2, 1]), cells).tolist() == [1, 0, 2]
+    tokens[0, 2, ord("c")], tokens[0, 2, ord("a")] = 0.0, 1.0      # token 2 now names a: right before b, wrong as b
+    assert head.named(tokens, targets, torch.tensor([2, 1]), cells).tolist() == [1, 1, 2]
 
 
 def test_a_rendered_page_knows_which_token_each_character_is_under():

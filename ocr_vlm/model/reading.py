@@ -153,22 +153,27 @@ class ReadingHead(nn.Module):
 
     def named(self, tokens: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
               cells: torch.Tensor) -> torch.Tensor:
-        """(named, placed): of the bytes whose token is known (`cells` >= 0, as `loss` takes them), how many the
-        own readout of that token names. Set against the CER of what the GPT writes, it says which side lags."""
-        own, _ = self(tokens)
-        page = pages_of(lengths)
-        known = cells >= 0
-        named = own[page[known], cells[known]].argmax(-1) == targets[known]
-        return torch.stack([named.sum(), known.sum()])
+        """(own, previous, placed): of the bytes whose token is known (`cells` >= 0, as `loss` takes them), how many
+        each readout of that token names (the byte, and the one before it). Set against the CER of what the GPT
+        writes, they say which side lags."""
+        page, known = pages_of(lengths), cells >= 0
+        named = [logits[page[known], cells[known]].argmax(-1) == wanted[known]
+                 for logits, wanted in zip(self(tokens), (targets, before(targets, lengths)))]
+        return torch.stack([named[0].sum(), named[1].sum(), known.sum()])
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
              cells: torch.Tensor | None = None) -> torch.Tensor:
         """The mean of the two readouts' `byte_loss`: each token's character, and the character before it."""
         own, previous = self(tokens)
-        before = targets.roll(1)
-        firsts = (lengths.cumsum(0) - lengths)[lengths > 0]
-        before[firsts] = BACKGROUND
-        return (byte_loss(own, targets, lengths, cells) + byte_loss(previous, before, lengths, cells)) / 2
+        before_each = before(targets, lengths)
+        return (byte_loss(own, targets, lengths, cells) + byte_loss(previous, before_each, lengths, cells)) / 2
+
+
+def before(targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The byte before each of the pages' concatenated reading targets on its page; BACKGROUND for a page's first."""
+    previous = targets.roll(1)
+    previous[(lengths.cumsum(0) - lengths)[lengths > 0]] = BACKGROUND
+    return previous
 
 
 def pages_of(lengths: torch.Tensor) -> torch.Tensor:
