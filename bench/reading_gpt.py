@@ -19,7 +19,9 @@ teacher-forced token accuracy (the end token included; a model that reads nothin
 right: the end, and chance), with the pointer the attention its head pays to the right token (geometric mean over
 the answer tokens), and the accuracy right after a doubled character (`tt`) on 100 held-out lines that have one: the
 first-layer pointer's query then holds the same character as one token before, so it asks for the same token again.
-Not a timing: it measures steps to learn; run arms one at a time.
+At the end, with the pointer, the held-out answer tokens by what their position writes (the first character, the
+end, a token of two or more characters, after a character the line had before, any other): how many the GPT writes
+wrong and where the pointer's head looks there. Not a timing: it measures steps to learn; run arms one at a time.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ PROMPT = "<image>\nFree OCR."
 PAGES = 28                       # a step's pages: what `make read` packs into a step
 LINE = READING_SETS["line"]
 BACKGROUND_CODE = 256            # codes 0-255: the byte values' (characters here are ASCII)
+KINDS = ("the first character", "the end", "a token of two or more characters",   # what an answer position writes
+         "after a character the line had before", "any other")
 
 
 def padded(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +120,27 @@ def answer_loss(model: VLM, ids: torch.Tensor, targets: torch.Tensor, x: torch.T
     return loss, accuracy, pointer, attention
 
 
+def errors_by_kind(model: VLM, tokenizer: Tokenizer, ids: torch.Tensor, targets: torch.Tensor, x: torch.Tensor,
+                   pairs: torch.Tensor) -> None:
+    """Print the held-out answer tokens by what their position writes: how many, how many the GPT writes wrong
+    (teacher-forced), and the attention the pointer's head pays to the right token there (geometric mean)."""
+    h, (log_attention, _) = model.gpt.hidden(x, attention=(POINTER_LAYER, POINTER_HEAD, pairs[:, :3]))
+    rows, positions = pairs[:, 0], pairs[:, 1]
+    wanted = targets[rows, positions]
+    wrong = model.gpt.logits(h).argmax(-1)[rows, positions] != wanted
+    kinds = []
+    for row, position, token in zip(rows.tolist(), positions.tolist(), wanted.tolist()):
+        written = ids[row, :position + 1].tolist()
+        answer = written[written.index(tokenizer.assistant_start_id) + 1:]
+        kinds.append(KINDS[0] if not answer else KINDS[1] if token == tokenizer.assistant_end_id else
+                     KINDS[2] if len(tokenizer.decode([token])) > 1 else KINDS[3] if answer[-1] in answer[:-1] else
+                     KINDS[4])
+    for kind in KINDS:
+        at = torch.tensor([k == kind for k in kinds])
+        print(f"{kind:>38}: {int(at.sum()):4d} tokens, {int(wrong[at].sum()):3d} wrong, attention on the right "
+              f"token {log_attention[at].mean().exp().item():.2f}", flush=True)
+
+
 def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previous: bool, fixed_map: bool) -> None:
     cfg = config.mini16()
     tokenizer = Tokenizer.load(MINI_TOKENIZER)
@@ -153,6 +178,10 @@ def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previo
             print(f"{name}: step {i:4d} | held-out loss {loss.item():.3f} | teacher-forced accuracy {accuracy:.3f} | "
                   f"attention on the character's token {attention:.2f} | after a doubled character "
                   f"{after:.3f}", flush=True)
+    if pointer:
+        ids, targets, vision, pairs = val
+        with torch.no_grad():
+            errors_by_kind(model, tokenizer, ids, targets, model.embed(ids, projector(vision)), pairs)
 
 
 def main() -> None:
