@@ -57,7 +57,8 @@ READ_PAGES     ?= 26000
 READ_STEPS     ?= 3000
 READ_ARGS  := --output_dir=runs/read --data.shards=runs/read/data/train --val_shards=runs/read/data/heldout \
 	--preset=mini16 --steps=$(READ_STEPS) --global_batch=2 --micro_batch=1 --data.seq_len=1536 --data.num_workers=1 \
-	--data.shuffle_buffer=500 --lr=3e-3 --vision_lr_scale=1 --warmup_steps=10 --schedule=step --decay_every=2250 --decay_factor=0.3 --checkpointing= \
+	--data.shuffle_buffer=500 --lr=3e-3 --vision_lr_scale=1 --warmup_steps=10 --checkpointing= \
+	--schedule=step --decay_every=2250 --decay_factor=0.3 \
 	--model.vision_norm=true --model.reading_head=true --model.reading_pointer=true --model.reading_code=true \
 	--reading_weight=1 --val_every=250 --val_read=100 --val_read_tokens=24 --log_every=50
 read: setup
