@@ -72,3 +72,10 @@ def towers_verdict(reading_loss: float, classes: int) -> str:
         return (f"NO CHARACTER CODE: the reading head's {reading_loss:.2f} nats is the uniform guess over the "
                 f"{classes} characters of the val pages ({uniform:.2f}); the towers don't tell them apart yet")
     return f"the towers tell characters apart: reading head {reading_loss:.2f} nats against {uniform:.2f} for a guess"
+
+
+def head_verdict(own: float, previous: float) -> str:
+    """What the reading head names of the characters whose place the pages know: set against the CER of what the
+    GPT writes, it tells which side lags."""
+    return (f"the reading head names {own:.0%} of the pages' characters on their tokens, and {previous:.0%} the "
+            f"character before")

@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from ocr_vlm.data.sample import Example, iter_examples
 from ocr_vlm.data.stream import ShardSet
-from ocr_vlm.diagnostics import VisionShare, mismatched, verdict
+from ocr_vlm.diagnostics import VisionShare, head_verdict, mismatched, verdict
 from ocr_vlm.generation import Generator
 from ocr_vlm.image import add_mode_arguments, apply_mode, stack_views
 from ocr_vlm.metrics import Normalization, Totals, scores
+from ocr_vlm.model.reading import places
 from ocr_vlm.tokenizer import Tokenizer
 from ocr_vlm.weights import load_export
 
@@ -60,18 +61,23 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
              limit: int | None = None, norm: Normalization = Normalization(), images_dir: Path | None = None,
              progress: bool = False) -> dict:
     """Every page of `shards` (at most `limit`) read back and scored: {"summary": totals overall and per type, the
-    reading check; "samples": one row per page}. With `images_dir`, each page's image is written there as it passes
+    reading check (with a reading head and pages that say where their characters are, also what the head names);
+    "samples": one row per page}. With `images_dir`, each page's image is written there as it passes
     (the row names the file)."""
     model.eval()
     rejected, totals, rows, started = Counter(), Totals(), [], time.perf_counter()
     share = VisionShare(model.cfg.vision_grid ** 2, model.cfg.gpt.n_embd)
+    named = torch.zeros(3, dtype=torch.long)   # the reading head's `named`: own, previous, placed
     expected = min(ShardSet.from_spec(shards).total, limit if limit is not None else math.inf)
     bar = tqdm(total=expected, desc="reading", unit="page", disable=not progress or None)
     examples, previous = iter_examples(shards, tokenizer, model.cfg, limit, rejected), None
     while batch := list(itertools.islice(examples, batch_size)):
         outputs = read_back(model, tokenizer, batch, max_new_tokens, batch_size)
         pixels = torch.stack([e.views.global_view for e in batch])
-        share.add(model.vision_tokens(pixels))
+        projected = model.projected_tokens(pixels)
+        share.add(model.read_tokens(projected))
+        if model.reading_head is not None:
+            named += model.reading_head.named(projected, *places([(e.response, e.cells) for e in batch]))
         # another page's image for each page (the next one; the last takes the previous batch's first)
         others = mismatched(pixels, previous) if previous is not None or len(batch) > 1 else None
         for i, (e, out) in enumerate(zip(batch, outputs)):
@@ -94,6 +100,8 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
                "distinct_outputs": len({r["generated"] for r in rows}), "image_gap": gap,
                "vision_share": share.share(), "skipped": dict(rejected), "seconds": seconds,
                "seconds_per_1000_pages": 1000 * seconds / max(1, len(rows))}
+    if named[2]:
+        summary["head_accuracy"], summary["head_previous_accuracy"] = (named[:2] / named[2]).tolist()
     return {"summary": summary, "samples": rows}
 
 
@@ -127,8 +135,16 @@ def table(result: dict, rows: int = 10) -> str:
     lines.append(f"distinct outputs {s['distinct_outputs']} | image-dependent share of vision tokens "
                  f"{s['vision_share']:.4f} | {s['seconds_per_1000_pages']:.0f} s per 1,000 pages | "
                  f"normalised: {s['normalization']}")
-    lines.append(verdict(s["image_gap"]))
+    lines.append(verdict(s["image_gap"]) + _head_clause(s))
     return "\n".join(lines)
+
+
+def _head_clause(summary: dict) -> str:
+    """What the reading head names, to follow the reading verdict; nothing for a model without one or pages that
+    say not where their characters are."""
+    if "head_accuracy" not in summary:
+        return ""
+    return "; " + head_verdict(summary["head_accuracy"], summary["head_previous_accuracy"])
 
 
 def curves(metrics_jsonl: Path, out_dir: Path) -> list[str]:
@@ -219,7 +235,7 @@ del{{background:#f7c5c5}} td img{{width:360px}}</style></head><body><h1>ocr_vlm 
 <p>exact match <b>{s['exact_match']}/{s['samples']}</b> · distinct outputs {s['distinct_outputs']} · mean loss
 {s['mean_loss']:.4f} · image-dependent share of vision tokens {s['vision_share']:.4f} · texts normalised:
 {html.escape(s['normalization'])} · {s['seconds_per_1000_pages']:.0f} s per 1,000 pages</p>
-<p><b>{html.escape(verdict(s['image_gap']))}</b></p>
+<p><b>{html.escape(verdict(s['image_gap']))}</b>{html.escape(_head_clause(s))}</p>
 <table><tr><th>type</th><th>pages</th><th>exact</th><th>mean CER</th><th>corpus CER</th><th>mean WER</th>
 <th>corpus WER</th><th>mean NED</th></tr>{by_type}</table>{curve}
 <h2>pages, worst first (click a page for full size)</h2>

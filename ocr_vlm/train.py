@@ -44,7 +44,7 @@ from ocr_vlm.config import COMPONENTS, ConfigError, TrainConfig
 from ocr_vlm.data.loader import Loader
 from ocr_vlm.data.sample import read_examples
 from ocr_vlm.data.stream import ShardSet
-from ocr_vlm.diagnostics import VisionShare, mismatched, towers_verdict, verdict
+from ocr_vlm.diagnostics import VisionShare, head_verdict, mismatched, towers_verdict, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.reading import CLASSES, Reading
 from ocr_vlm.model.vlm import build_model, parameter_table
@@ -411,8 +411,7 @@ class Trainer:
             self.recent_reading = [0.0, 0]
             dist.print0(f"step {self.step:05d} | "
                         f"{towers_verdict(result['eval/reading_loss_train'], result['eval/reading_classes'])}"
-                        + (f"; its readouts name {result['eval/head_accuracy']:.0%} of the val pages' characters on "
-                           f"their tokens, and {result['eval/head_previous_accuracy']:.0%} the character before"
+                        + ("; " + head_verdict(result["eval/head_accuracy"], result["eval/head_previous_accuracy"])
                            if "eval/head_accuracy" in result else ""))
         predictions = []
         if self.cfg.val_read:

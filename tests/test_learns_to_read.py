@@ -12,7 +12,9 @@ from ocr_vlm import config
 from ocr_vlm.data.render import READING_SETS, write_reading
 from ocr_vlm.data.sample import read_examples
 from ocr_vlm.diagnostics import NO_CODE
+from ocr_vlm.report import evaluate
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
+from ocr_vlm.weights import load_export
 from test_train import BIN, free_port, run
 
 pytestmark = pytest.mark.slow
@@ -49,3 +51,8 @@ def test_a_model_trained_from_scratch_reads_digits_it_has_never_seen(tmp_path):
     assert final["eval/reading_loss_train"] < NO_CODE * math.log(final["eval/reading_classes"])   # towers name digits
     assert final["eval/head_accuracy"] > 0.3
     assert final["eval/cer"] < blind_cer(texts) - 0.05
+    # The report on the export counts what the head names as the last evaluation did, on the same pages.
+    model, tokenizer = load_export(tmp_path / "run" / "export")
+    summary = evaluate(model, tokenizer, str(tmp_path / "heldout"), max_new_tokens=4)["summary"]
+    for name in ("head_accuracy", "head_previous_accuracy"):
+        assert summary[name] == pytest.approx(final[f"eval/{name}"], abs=0.02)

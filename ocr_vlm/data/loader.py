@@ -24,7 +24,7 @@ from ocr_vlm.data.sample import Example, decode
 from ocr_vlm.data.stream import Origin, SampleStream, ShardSet
 from ocr_vlm.image import stack_views
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import reading_cells, reading_targets
+from ocr_vlm.model.reading import places
 from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import Tokenizer
 
@@ -124,7 +124,7 @@ class PackedBatches(IterableDataset):
             "position_ids": torch.arange(T).repeat(B, 1),
             "doc_ids": torch.full((B, T), -1, dtype=torch.long),   # padding: its own block, supervises nothing
         }
-        images, reading, cells, pointer = [], [], [], []
+        images, pages, pointer = [], [], []
         for r, row in enumerate(rows):
             at = 0
             for doc, ex in enumerate(row):
@@ -135,15 +135,12 @@ class PackedBatches(IterableDataset):
                 batch["doc_ids"][r, at:at + n] = doc
                 if ex.views is not None:
                     images.append(ex.views)
-                    reading.append(reading_targets(ex.response))     # the reading head's targets
-                    cells.append(reading_cells(ex.response, ex.cells))  # and where on the page they are
+                    pages.append((ex.response, ex.cells))            # the reading head's targets and their places
                     pointer += [(r, at + query, at + key, len(images) - 1) for query, key in ex.pointer]
                 counters["vision_samples" if ex.views is not None else "text_samples"] += 1
                 at += n
         batch["pixel_values"], batch["tile_values"], batch["tile_grids"] = stack_views(images, self.vlm)
-        batch["reading_targets"] = torch.tensor([b for r in reading for b in r], dtype=torch.long)
-        batch["reading_lengths"] = torch.tensor([len(r) for r in reading], dtype=torch.long)
-        batch["reading_cells"] = torch.tensor([c for page in cells for c in page], dtype=torch.long)
+        batch["reading_targets"], batch["reading_lengths"], batch["reading_cells"] = places(pages)
         # the pointer's pairs: (row, position, vision position, page), in row order
         batch["pointer"] = torch.tensor(pointer, dtype=torch.long).view(-1, 4)
         counters["samples"] = counters["vision_samples"] + counters["text_samples"]

@@ -103,6 +103,15 @@ def reading_cells(text: str, cells: list[int] | None) -> list[int]:
     return [cell for char, cell in zip(chars, cells) for _ in char.encode("utf-8")]
 
 
+def places(pages: list[tuple[str, list[int] | None]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pages as (response, cells) -> the reading head's targets of all of them concatenated, how many each page has,
+    and the token under each (`Reading`'s targets, lengths and cells)."""
+    targets = [reading_targets(text) for text, _ in pages]
+    cells = [c for text, page_cells in pages for c in reading_cells(text, page_cells)]
+    return (torch.tensor([b for page in targets for b in page], dtype=torch.long),
+            torch.tensor([len(page) for page in targets], dtype=torch.long), torch.tensor(cells, dtype=torch.long))
+
+
 class VisionNorm(nn.Module):
     """Affine-free batch norm of (N, positions, D) vision tokens: each position's channels over the batch's pages,
     in fp32. Per position, because most of a page is background: a channel's spread over positions is mostly where
