@@ -14,7 +14,8 @@ ARGS=(
     --init="ocr_vlm=runs/d20-stage1/export,nanochat=$WEIGHTS/nanochat-d20"
     --data.shards="$DATA/train" --data.text_shards="$DATA/text"
     --val_shards="$DATA/val" --data.num_workers=8
-    --data.max_images=48   # python -m ocr_vlm.plan: 27.7 GiB per GPU under ZeRO-2, so 40 GB A100s fit
+    --data.max_images=32   # plan: 20.2 GiB a GPU under ZeRO-2; ~31 GiB at the activations measured on an H200
+                           # (README #gpu: 1.7x the plan's), so 40 GB A100s fit; 48 would not
     --micro_batch=2 --global_batch=640 --steps=20000
     --save_every=1000 --val_every=1000 --output_dir=runs/d20-stage2 --resume=auto --wandb=true
 )

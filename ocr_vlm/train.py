@@ -337,8 +337,12 @@ class Trainer:
             metrics["pointer_loss"] = pointer_mean
         if self.peak:
             metrics["mfu"] = train_flops / dt / (self.peak * self.world)
+        if self.on_gpu:     # this rank's high-water marks since start: what `python -m ocr_vlm.plan` plans
+            metrics["peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            metrics["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         if self.rank == 0 and self._logs(self.step):
             mfu = f"mfu {metrics['mfu'] * 100:.1f}%" if self.peak else "mfu n/a (cpu)"
+            mfu += f" | mem {metrics['peak_reserved_gib']:.1f} GiB" if self.on_gpu else ""
             grad = f"{metrics['grad_norm']:.3f}" if metrics["grad_norm"] is not None else "n/a"
             reading = f"reading {reading_mean:.4f} | " if self.cfg.reading_weight else ""
             reading += f"pointer {pointer_mean:.4f} | " if "pointer_loss" in metrics else ""
