@@ -1,13 +1,13 @@
 """`make read`'s training step on one CPU core in fp32 and in bf16 (the weights bf16, as DeepSpeed's bf16 runs them).
 
-    python bench/cpu_bf16.py [--threads 1] [--repeats 5] [--images 5]
+    python bench/cpu_bf16.py [--threads 1] [--repeats 5] [--images 4]
 
 The mini16 reading model (vision norm, reading head and code, `make read`'s model flags) on one 1536-token row of
-`--images` 256 px pages (each with 64 text tokens), as one rank of `make read` takes it (one thread per rank): forward and backward, alternated
-between the fp32 and the bf16 copy of the same weights. bf16 is native only on CPUs with AVX512-BF16 or AMX (this
-prints which flags the CPU has); elsewhere torch emulates it, several times slower than fp32, which is why the
-trainer keeps CPUs in fp32 unless the ds_config enables bf16. The optimizer step (fp32 master weights and AdamW,
-~1.8M parameters) is left out: it is the same work either way.
+`--images` 256 px pages (each with 64 text tokens), as one rank of `make read` takes it (one thread per rank):
+forward and backward, alternated between the fp32 and the bf16 copy of the same weights. bf16 is native only on CPUs
+with AVX512-BF16 or AMX (this prints which flags the CPU has); elsewhere torch emulates it, several times slower
+than fp32, which is why the trainer keeps CPUs in fp32 unless the ds_config enables bf16. The optimizer step (fp32
+master weights and AdamW, ~1.8M parameters) is left out: it is the same work either way.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def main() -> None:
     print(f"\n{device} x {args.gpus}, {args.ds_config}: d20 stage 2, {args.micro_batch} x {args.seq_len} tokens, "
           f"up to {args.max_images} images a row; medians of steps {args.warmup + 1}-{len(rows)}")
     print(f"  step {median('dt_ms'):.0f} ms | tokens/s {median('tokens_per_s'):,.0f} | samples/s "
-          f"{median('samples_per_s'):.1f} | model TFLOP/s {median('tflops_per_s'):.0f} | mfu {median('mfu') * 100:.1f}%")
+          f"{median('samples_per_s'):.1f} | model TFLOP/s {median('tflops_per_s'):.0f} | "
+          f"mfu {median('mfu') * 100:.1f}%")
     measured = max(r.get("peak_reserved_gib", float("nan")) for r in rows)
     allocated = max(r.get("peak_allocated_gib", float("nan")) for r in rows)
     in_torch = (planned["total"] - CUDA_OVERHEAD) / GiB      # the CUDA context and NCCL are outside torch's count

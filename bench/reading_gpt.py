@@ -14,14 +14,18 @@ Arms: `scratch`, the GPT from scratch; `copy`, the same GPT first trained `--cop
 repeat a line back (the user's turn holds the line, the answer repeats it): the copying a pretrained nanochat
 arrives with; `pointer`, from scratch with the pointer's loss (model/reading.py: where its head looks, and what it
 carries from there) added; `pointer_previous`, the pointer with codes that also name the previous character, as the
-reading head's second readout trains the real towers to. Printed every 50 steps: held-out loss per answer token and
-teacher-forced token accuracy (the end token included; a model that reads nothing gets about 0.15 of the tokens
-right: the end, and chance), with the pointer the attention its head pays to the right token (geometric mean over
-the answer tokens), and the accuracy right after a doubled character (`tt`) on 100 held-out lines that have one: the
-first-layer pointer's query then holds the same character as one token before, so it asks for the same token again.
-At the end, with the pointer, the held-out answer tokens by what their position writes (the first character, the
-end, a token of two or more characters, after a character the line had before, any other): how many the GPT writes
-wrong and where the pointer's head looks there. Not a timing: it measures steps to learn; run arms one at a time.
+reading head's second readout trains the real towers to; `pointer_smear`, that with a smear at the GPT's input (each
+position's embedding plus a learned share of the one before, so the pointer's query knows the last two tokens);
+`pointer_two_back`, codes that also name the character two back; `pointer_smear_two_back`, both, so that the query
+for what follows `t t` finds the one token whose code says it follows a `t` that follows a `t`. Printed every 50
+steps: held-out loss per answer token and teacher-forced token accuracy (the end token included; a model that reads
+nothing gets about 0.15 of the tokens right: the end, and chance), with the pointer the attention its head pays to
+the right token (geometric mean over the answer tokens), and the accuracy right after a doubled character (`tt`) on
+100 held-out lines that have one: the first-layer pointer's query then holds the same character as one token before,
+so it asks for the same token again. At the end, with the pointer, the held-out answer tokens by what their position
+writes (the first character, the end, a token of two or more characters, after a character the line had before, any
+other): how many the GPT writes wrong and where the pointer's head looks there. Not a timing: it measures steps to
+learn; run arms one at a time.
 """
 
 from __future__ import annotations
@@ -66,11 +70,12 @@ class Pages:
     """Line pages as (ids, targets, perfect vision codes); `doubled`: only lines with two like characters side by
     side (about one line in ten), drawn until one comes."""
 
-    def __init__(self, cfg: config.VLMConfig, tokenizer: Tokenizer, seed: int, previous: bool, doubled: bool = False):
-        self.cfg, self.tokenizer, self.rng, self.previous = cfg, tokenizer, random.Random(seed), previous
+    def __init__(self, cfg: config.VLMConfig, tokenizer: Tokenizer, seed: int, back: int, doubled: bool = False):
+        self.cfg, self.tokenizer, self.rng, self.back = cfg, tokenizer, random.Random(seed), back
         self.doubled = doubled
         generator = torch.Generator().manual_seed(0)
-        self.codes, self.previous_codes = torch.randn(2, BACKGROUND_CODE + 1, cfg.gpt.n_embd, generator=generator)
+        # codes of a character, then of the one before it and of the one before that (as the head's readouts)
+        self.codes = torch.randn(3, BACKGROUND_CODE + 1, cfg.gpt.n_embd, generator=generator)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, targets, vision codes, the pointer's pairs (row, position, vision position, page))."""
@@ -80,11 +85,11 @@ class Pages:
             while self.doubled and not any(a == b for a, b in zip(page.text, page.text[1:])):
                 page = reading_page(self.rng, LINE)
             cells = token_cells(character_centres(page.chars, page.text), page.image.size, self.cfg)
-            codes = self.codes[BACKGROUND_CODE].repeat(self.cfg.vision_grid ** 2, 1)
-            before = BACKGROUND_CODE
+            codes = self.codes[0, BACKGROUND_CODE].repeat(self.cfg.vision_grid ** 2, 1)
+            named = [BACKGROUND_CODE] * self.back          # the characters before, nearest first
             for char, cell in zip(inked(page.text), cells):
-                codes[cell] = self.codes[ord(char)] + (self.previous_codes[before] if self.previous else 0)
-                before = ord(char)
+                codes[cell] = sum(self.codes[k, c] for k, c in enumerate([ord(char)] + named))
+                named = ([ord(char)] + named)[:self.back]
             ids, mask = self.tokenizer.render_sample(PROMPT, page.text, self.cfg.image_tokens)
             pairs += [(row, query, key, row) for query, key in
                       pointer_pairs(self.tokenizer, ids, page.text, cells, 0, self.cfg.vision_grid)]
@@ -141,16 +146,34 @@ def errors_by_kind(model: VLM, tokenizer: Tokenizer, ids: torch.Tensor, targets:
               f"token {log_attention[at].mean().exp().item():.2f}", flush=True)
 
 
-def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previous: bool, fixed_map: bool) -> None:
+class Smear(torch.nn.Module):
+    """Each position's embedding plus a learned share of the one before it, per channel (none at first), so that the
+    first layer's query, the pointer's, knows the last two tokens written rather than the last."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.gate = torch.nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1], x[:, 1:] + self.gate * x[:, :-1]], 1)
+
+
+def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, back: int, smear: bool,
+        fixed_map: bool) -> None:
     cfg = config.mini16()
     tokenizer = Tokenizer.load(MINI_TOKENIZER)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     projector = torch.nn.Identity() if fixed_map else torch.nn.Linear(cfg.gpt.n_embd, cfg.gpt.n_embd)
+    shift = Smear(cfg.gpt.n_embd) if smear else torch.nn.Identity()
     gpt_side = model.component_parameters("gpt") + [model.image_newline, model.view_separator]
-    optimizer = torch.optim.AdamW(gpt_side + list(projector.parameters()), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    train, held_out = Pages(cfg, tokenizer, 1, previous), Pages(cfg, tokenizer, 2, previous)
-    val, doubled = held_out.batch(100), Pages(cfg, tokenizer, 3, previous, doubled=True).batch(100)
+    optimizer = torch.optim.AdamW(gpt_side + list(projector.parameters()) + list(shift.parameters()), lr=lr,
+                                  betas=(0.9, 0.95), weight_decay=0.0)
+    train, held_out = Pages(cfg, tokenizer, 1, back), Pages(cfg, tokenizer, 2, back)
+    val, doubled = held_out.batch(100), Pages(cfg, tokenizer, 3, back, doubled=True).batch(100)
+
+    def inputs(ids: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        return shift(model.embed(ids, projector(vision)))
 
     def step(loss: torch.Tensor) -> None:
         optimizer.zero_grad()
@@ -165,23 +188,21 @@ def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, previo
             print(f"{name}: copy step {i:4d} | loss {loss.item():.3f}", flush=True)
     for i in range(1, steps + 1):
         ids, targets, vision, pairs = train.batch(PAGES)
-        loss, _, pointing, _ = answer_loss(model, ids, targets, model.embed(ids, projector(vision)),
-                                           pairs if pointer else None)
+        loss, _, pointing, _ = answer_loss(model, ids, targets, inputs(ids, vision), pairs if pointer else None)
         step(loss + pointing)
         if i % 50 == 0:
             with torch.no_grad():
                 ids, targets, vision, pairs = val
-                loss, accuracy, _, attention = answer_loss(model, ids, targets, model.embed(ids, projector(vision)),
-                                                           pairs)
+                loss, accuracy, _, attention = answer_loss(model, ids, targets, inputs(ids, vision), pairs)
                 ids, targets, vision, _ = doubled
-                _, after, *_ = answer_loss(model, ids, targets, model.embed(ids, projector(vision)), after_double=True)
+                _, after, *_ = answer_loss(model, ids, targets, inputs(ids, vision), after_double=True)
             print(f"{name}: step {i:4d} | held-out loss {loss.item():.3f} | teacher-forced accuracy {accuracy:.3f} | "
                   f"attention on the character's token {attention:.2f} | after a doubled character "
                   f"{after:.3f}", flush=True)
     if pointer:
         ids, targets, vision, pairs = val
         with torch.no_grad():
-            errors_by_kind(model, tokenizer, ids, targets, model.embed(ids, projector(vision)), pairs)
+            errors_by_kind(model, tokenizer, ids, targets, inputs(ids, vision), pairs)
 
 
 def main() -> None:
@@ -194,15 +215,18 @@ def main() -> None:
     p.add_argument("--fixed_map", action="store_true", help="the codes reach the GPT as they are, no trained linear map")
     args = p.parse_args()
     fix_threads(args.threads)
-    copy_steps, pointer, previous = ARMS[args.arm]
-    arm(args.arm, copy_steps * args.copy_steps, args.steps, args.lr, pointer, previous, args.fixed_map)
+    copy_steps, pointer, back, smear = ARMS[args.arm]
+    arm(args.arm, copy_steps * args.copy_steps, args.steps, args.lr, pointer, back, smear, args.fixed_map)
 
 
-ARMS = {  # name: (copy steps first (x --copy_steps), the pointer's loss, codes naming the previous character)
-    "scratch": (0, False, False),
-    "copy": (1, False, False),
-    "pointer": (0, True, False),
-    "pointer_previous": (0, True, True),
+ARMS = {  # name: (copy steps first (x --copy_steps), the pointer's loss, characters before its own a code names, smear)
+    "scratch": (0, False, 0, False),
+    "copy": (1, False, 0, False),
+    "pointer": (0, True, 0, False),
+    "pointer_previous": (0, True, 1, False),
+    "pointer_smear": (0, True, 1, True),
+    "pointer_two_back": (0, True, 2, False),
+    "pointer_smear_two_back": (0, True, 2, True),
 }
 
 
