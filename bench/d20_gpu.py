@@ -71,8 +71,7 @@ def recipe(args, work: Path) -> list[str]:
 
 
 def train(args, work: Path) -> list[dict]:
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    launcher = [str(deepspeed)] if deepspeed.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]    # what the `deepspeed` command runs
     subprocess.run(launcher + ["--num_gpus", str(args.gpus), str(ROOT / "launch/train.py"),
                                "--ds_config", str(ROOT / args.ds_config), *recipe(args, work)], check=True, cwd=ROOT)
     with open(work / "run" / "metrics.jsonl") as f:
@@ -117,7 +116,7 @@ def main() -> None:
     steady = rows[args.warmup:] or rows
     cfg = cli.train_config(recipe(args, args.work))
     settings = DeepSpeedSettings.from_json(str(ROOT / args.ds_config), bf16=torch.cuda.is_available())
-    planned = plan(cfg, settings, gpus=args.gpus, images=args.max_images)
+    planned = plan(cfg, settings, gpus=args.gpus)       # the packer's worst case under --max_images
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     median = lambda key: statistics.median(r[key] for r in steady) if key in steady[0] else float("nan")
     print(f"\n{device} x {args.gpus}, {args.ds_config}: d20 stage 2, {args.micro_batch} x {args.seq_len} tokens, "

@@ -342,14 +342,14 @@ class Trainer:
             metrics["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         if self.rank == 0 and self._logs(self.step):
             mfu = f"mfu {metrics['mfu'] * 100:.1f}%" if self.peak else "mfu n/a (cpu)"
-            mfu += f" | mem {metrics['peak_reserved_gib']:.1f} GiB" if self.on_gpu else ""
+            mem = f" | mem {metrics['peak_reserved_gib']:.1f} GiB" if self.on_gpu else ""
             grad = f"{metrics['grad_norm']:.3f}" if metrics["grad_norm"] is not None else "n/a"
             reading = f"reading {reading_mean:.4f} | " if self.cfg.reading_weight else ""
             reading += f"pointer {pointer_mean:.4f} | " if "pointer_loss" in metrics else ""
             towers = " ".join(f"{name} {norm:.2e}" for name, norm in grad_norms.items())
             print(f"step {self.step:05d}/{self.cfg.steps:05d} | loss {loss_mean:.4f} | {reading}lr {metrics['lr']:.2e} | "
                   f"grad {grad} ({towers}) | dt {dt * 1000:.0f}ms | tok/s {metrics['tokens_per_s']:,.0f} | "
-                  f"samples/s {metrics['samples_per_s']:.2f} | {mfu} | skipped {skipped}", flush=True)
+                  f"samples/s {metrics['samples_per_s']:.2f} | {mfu}{mem} | skipped {skipped}", flush=True)
         self.tracker.log(self.step, metrics)
         return metrics
 
