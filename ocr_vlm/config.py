@@ -266,7 +266,10 @@ class TrainConfig:
     steps: int = 100              # optimizer steps
     micro_batch: int = 1          # packed rows per rank per micro-step
     global_batch: int = 8         # packed rows per optimizer step over all ranks (sets gradient accumulation)
-    lr: float = 5e-5              # peak learning rate (AdamW)
+    lr: float = 5e-5              # peak learning rate (AdamW; with optimizer=muon, of everything Muon does not train)
+    optimizer: str = "adamw"      # adamw | muon (DeepSpeed's Muon on the hidden matrices, AdamW on the rest, as nanochat)
+    muon_lr: float = 0.02         # optimizer=muon: peak learning rate of the hidden matrices (nanochat's 0.02)
+    muon_momentum: float = 0.95   # optimizer=muon: Muon's momentum
     vision_lr_scale: float = 1.0  # lr multiplier for SAM, CLIP and the projector (the GPT trains at lr)
     schedule: str = "cosine"      # cosine (warmup then cosine) | step (warmup then x decay_factor every decay_every) | constant
     warmup_steps: int = 100       # steps of linear warmup
@@ -306,6 +309,10 @@ class TrainConfig:
         _check(self.schedule in ("cosine", "step", "constant"), "schedule", f"{self.schedule!r} is not cosine|step|constant")
         _check(self.steps > 0, "steps", "must be positive")
         _check(math.isfinite(self.lr) and self.lr > 0, "lr", f"{self.lr} is not a positive finite number")
+        _check(self.optimizer in ("adamw", "muon"), "optimizer", f"{self.optimizer!r} is not adamw|muon")
+        _check(math.isfinite(self.muon_lr) and self.muon_lr > 0, "muon_lr",
+               f"{self.muon_lr} is not a positive finite number")
+        _check(0 <= self.muon_momentum < 1, "muon_momentum", f"{self.muon_momentum} is not in [0, 1)")
         _check(math.isfinite(self.vision_lr_scale) and self.vision_lr_scale > 0, "vision_lr_scale",
                f"{self.vision_lr_scale} is not a positive finite number")
         _check(self.micro_batch > 0, "micro_batch", "must be positive")

@@ -31,6 +31,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch import nn
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
@@ -47,7 +48,7 @@ from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.diagnostics import VisionShare, head_verdict, mismatched, towers_verdict, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.reading import CLASSES, Reading
-from ocr_vlm.model.vlm import build_model, parameter_table
+from ocr_vlm.model.vlm import VLM, build_model, parameter_table
 from ocr_vlm.metrics import scores
 from ocr_vlm.report import read_back
 from ocr_vlm.schedule import lr_multiplier
@@ -139,14 +140,14 @@ class Trainer:
 
         self.model = self._build_model()
         resume_from = checkpoint_to_resume(cfg)
-        self.deepspeed_config, precision = deepspeed_config(ds_config_path, cfg, self.world, self.device)
+        self.deepspeed_config, chose = deepspeed_config(ds_config_path, cfg, self.world, self.device)
         self.zero_stage = self.deepspeed_config["zero_optimization"].get("stage", 0)
         if cfg.val_read and self.zero_stage == 3:    # said before training, not at the first validation
             raise ConfigError("val_read: generation needs whole parameters on every rank (ZeRO-0/1/2)")
         if resume_from is not None and (resume_from / "zero").is_dir():
             # ds_to_universal's output: parameters stored whole, so any world size can load them.
             self.deepspeed_config["checkpoint"] = {"load_universal": True}
-        optimizer = _optimizer(self._param_groups(), cfg, offload=_offloads_optimizer(self.deepspeed_config))
+        optimizer = _optimizer(param_groups(self.model, cfg), cfg, offload=_offloads_optimizer(self.deepspeed_config))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
         self.model_engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_config)
@@ -154,7 +155,7 @@ class Trainer:
         dist.print0(f"deepspeed: ZeRO-{self.zero_stage}, "
                     f"{'bf16' if self._bf16 else 'fp32'}, {type(optimizer).__name__}, {self.world} rank(s) x "
                     f"{cfg.micro_batch} row(s) x {self.gas} accumulation = {cfg.global_batch} rows per step"
-                    + (f"; {precision}" if precision else ""))
+                    + (f"; {chose}" if chose else ""))
         resolved = self._save_resolved_config()
         self.loader = Loader(cfg.data, cfg.model, self.tokenizer_path, self.rank, self.world, batch_rows=cfg.micro_batch)
         self.step, self.samples_seen, self.train_seconds = 0, 0, 0.0
@@ -186,15 +187,6 @@ class Trainer:
         model.set_activation_checkpointing(cfg.checkpointing)
         dist.print0(parameter_table(model))
         return model
-
-    def _param_groups(self) -> list[dict]:
-        """The trainable parameters: the GPT's at the recipe's lr, the vision side's (SAM, CLIP, projector) at
-        lr x vision_lr_scale. Frozen components are left out, so the optimizer never holds state for them."""
-        groups = [{"params": self.model.component_parameters("gpt"), "lr": self.cfg.lr},
-                  {"params": [p for name in COMPONENTS if name != "gpt" for p in self.model.component_parameters(name)],
-                   "lr": self.cfg.lr * self.cfg.vision_lr_scale}]
-        return [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups
-                if any(p.requires_grad for p in g["params"])]
 
     def _save_resolved_config(self) -> dict:
         """The run's whole configuration as it runs (recipe with model and data, DeepSpeed's config with "auto"
@@ -602,7 +594,7 @@ def _unpickling(path: Path, what: str, opt_out: str, trusted: bool):
 
 def deepspeed_config(path: str, cfg: TrainConfig, world: int, device: torch.device) -> tuple[dict, str]:
     """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in, and what
-    bf16 "auto" chose and why ("" when the config sets it)."""
+    bf16 "auto" chose and why ("" when the config sets it), and whether Muon turned gradient clipping off."""
     ds = json.loads(Path(path).read_text())
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
@@ -616,6 +608,12 @@ def deepspeed_config(path: str, cfg: TrainConfig, world: int, device: torch.devi
     if bf16.get("enabled") == "auto":
         bf16["enabled"], why = _native_bf16(device)
         chose = f"bf16 \"auto\" chose {'bf16' if bf16['enabled'] else 'fp32'}: {why}"
+    if cfg.optimizer == "muon" and ds["gradient_clipping"]:
+        # DeepSpeed clips Muon's orthogonalised updates by the norm of all of them (about the square root of the
+        # matrices' rows), which would scale Muon's lr down by that much; Muon's update has a fixed size anyway.
+        chose = "; ".join(filter(None, [chose, f"optimizer=muon turned gradient_clipping {ds['gradient_clipping']} "
+                                               "off (DeepSpeed would clip Muon's updates, not its gradients)"]))
+        ds["gradient_clipping"] = 0.0
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds, chose
 
@@ -645,9 +643,49 @@ def _offloads_optimizer(ds: dict) -> bool:
     return ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
 
 
+def param_groups(model: VLM, cfg: TrainConfig) -> list[dict]:
+    """The trainable parameters: the GPT's at the recipe's lr, the vision side's (SAM, CLIP, projector) at
+    lr x vision_lr_scale. Frozen components are left out, so the optimizer never holds state for them. With
+    optimizer=muon each group splits in two: its `hidden_matrices`, which Muon trains at muon_lr (x the same
+    scale), and the rest, which AdamW trains."""
+    groups = [{"params": model.component_parameters("gpt"), "lr": cfg.lr},
+              {"params": [p for name in COMPONENTS if name != "gpt" for p in model.component_parameters(name)],
+               "lr": cfg.lr * cfg.vision_lr_scale}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    if cfg.optimizer == "muon":
+        muon = hidden_matrices(model)
+        for p in model.parameters():
+            p.use_muon = id(p) in muon          # where DeepSpeed's ZeRO looks for it
+        adam = dict(use_muon=False, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        groups = [half for g in groups for half in (      # AdamW's first: the step line's lr is the first group's
+            {**g, "params": [p for p in g["params"] if not p.use_muon], **adam},
+            {"params": [p for p in g["params"] if p.use_muon], "lr": g["lr"] / cfg.lr * cfg.muon_lr,
+             "use_muon": True, "momentum": cfg.muon_momentum, "weight_decay": cfg.weight_decay})]
+    return [g for g in groups if g["params"]]
+
+
+def hidden_matrices(model: VLM) -> set[int]:
+    """ids of the weights Muon trains (optimizer=muon): every Linear layer's between the model's input and its
+    outputs, so not the GPT's lm_head nor the reading head's (readouts, and the code: an embedding of what they
+    name). Embeddings, convolutions, norms and biases stay with AdamW, as in nanochat and Muon's own recipe."""
+    outputs = [model.gpt.lm_head, *([model.reading_head] if model.reading_head is not None else [])]
+    excluded = {id(p) for module in outputs for p in module.parameters()}
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - excluded
+
+
 def _optimizer(groups: list[dict], cfg: TrainConfig, offload: bool) -> torch.optim.Optimizer:
-    """AdamW with the recipe's hyperparameters; DeepSpeed's CPU Adam when the optimizer state lives on CPU."""
+    """AdamW with the recipe's hyperparameters; DeepSpeed's CPU Adam when the optimizer state lives on CPU. With
+    optimizer=muon, DeepSpeed's Muon (ZeRO orthogonalises each matrix's update as it partitions the gradients)
+    with AdamW on the groups that are not Muon's."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "muon":
+        if offload:
+            raise ConfigError("optimizer: muon does not run with offload_optimizer (DeepSpeed's CPU Adam); "
+                              "use a ds_config without it")
+        from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam   # imports compile its kernels
+
+        return MuonWithAuxAdam(groups, adam_optimizer=torch.optim.AdamW,
+                               adam_optimizer_kwargs=dict(kwargs, fused=torch.cuda.is_available()))
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

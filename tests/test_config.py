@@ -63,6 +63,8 @@ def test_preset_stage_and_mode_choose_defaults_before_the_other_keys():
     (["--data.batch_rows=4"], "--data.batch_rows"),          # rows per micro-batch are micro_batch, set once
     (["--stage=3"], "stage"),
     (["--freeze=towers"], "freeze"),
+    (["--optimizer=sgd"], "optimizer"),
+    (["--optimizer=muon", "--muon_lr=0"], "muon_lr"),
 ])
 def test_bad_recipes_name_the_field(args, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

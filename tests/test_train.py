@@ -205,6 +205,16 @@ def test_resume_reproduces_the_uninterrupted_loss_trace(zero2, tmp_path):
     assert [resumed[s] for s in range(5, 9)] == [uninterrupted[s] for s in range(5, 9)]
 
 
+def test_muon_learns_and_resumes_exactly(tmp_path):
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    log = deepspeed(first, "--steps=8", "--save_every=4", "--optimizer=muon")
+    assert "ZeRO-2, fp32, MuonWithAuxAdam" in log and "optimizer=muon turned gradient_clipping 1.0 off" in log
+    deepspeed(resumed, "--steps=8", "--optimizer=muon", f"--resume={first / 'checkpoints' / 'step000004'}")
+    uninterrupted, after = losses(first), losses(resumed)
+    assert uninterrupted[8] < uninterrupted[1] - 1.0
+    assert [after[s] for s in range(5, 9)] == [uninterrupted[s] for s in range(5, 9)]   # Muon's momentum came back
+
+
 def test_universal_checkpoint_resumes_two_ranks_on_one(zero2, tmp_path):
     universal = tmp_path / "step000008_universal"
     run([sys.executable, "launch/to_universal.py", "--input_folder",
