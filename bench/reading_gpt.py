@@ -14,8 +14,8 @@ Arms: `scratch`, the GPT from scratch; `copy`, the same GPT first trained `--cop
 repeat a line back (the user's turn holds the line, the answer repeats it): the copying a pretrained nanochat
 arrives with; `pointer`, from scratch with the pointer's loss (model/reading.py: where its head looks, and what it
 carries from there) added; `pointer_previous`, the pointer with codes that also name the previous character, as the
-reading head's second readout trains the real towers to; `pointer_smear`, that with a smear at the GPT's input (each
-position's embedding plus a learned share of the one before, so the pointer's query knows the last two tokens);
+reading head's second readout trains the real towers to; `pointer_smear`, that with the GPT's smear (`--model.gpt.smear`:
+each position's embedding plus a learned share of the one before, so the pointer's query knows the last two tokens);
 `pointer_two_back`, codes that also name the character two back; `pointer_smear_two_back`, both, so that the query
 for what follows `t t` finds the one token whose code says it follows a `t` that follows a `t`. Printed every 50
 steps: held-out loss per answer token and teacher-forced token accuracy (the end token included; a model that reads
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -146,34 +147,21 @@ def errors_by_kind(model: VLM, tokenizer: Tokenizer, ids: torch.Tensor, targets:
               f"token {log_attention[at].mean().exp().item():.2f}", flush=True)
 
 
-class Smear(torch.nn.Module):
-    """Each position's embedding plus a learned share of the one before it, per channel (none at first), so that the
-    first layer's query, the pointer's, knows the last two tokens written rather than the last."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.gate = torch.nn.Parameter(torch.zeros(width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x[:, :1], x[:, 1:] + self.gate * x[:, :-1]], 1)
-
-
 def arm(name: str, copy_steps: int, steps: int, lr: float, pointer: bool, back: int, smear: bool,
         fixed_map: bool) -> None:
     cfg = config.mini16()
+    cfg = replace(cfg, gpt=replace(cfg.gpt, smear=smear))     # the GPT's own smear (model/gpt.py)
     tokenizer = Tokenizer.load(MINI_TOKENIZER)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     projector = torch.nn.Identity() if fixed_map else torch.nn.Linear(cfg.gpt.n_embd, cfg.gpt.n_embd)
-    shift = Smear(cfg.gpt.n_embd) if smear else torch.nn.Identity()
     gpt_side = model.component_parameters("gpt") + [model.image_newline, model.view_separator]
-    optimizer = torch.optim.AdamW(gpt_side + list(projector.parameters()) + list(shift.parameters()), lr=lr,
-                                  betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(gpt_side + list(projector.parameters()), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     train, held_out = Pages(cfg, tokenizer, 1, back), Pages(cfg, tokenizer, 2, back)
     val, doubled = held_out.batch(100), Pages(cfg, tokenizer, 3, back, doubled=True).batch(100)
 
     def inputs(ids: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
-        return shift(model.embed(ids, projector(vision)))
+        return model.embed(ids, projector(vision))
 
     def step(loss: torch.Tensor) -> None:
         optimizer.zero_grad()

@@ -1,7 +1,7 @@
 """How fast the towers alone learn the line set's character code, and what a step of them costs.
 
     python bench/reading_towers.py [--arm narrow|wide] [--steps 300] [--lr 1e-3] [--pages 28] [--train_set line]
-                                   [--threads 2]
+                                   [--optimizer adamw|muon] [--muon_lr 0.02] [--threads 2]
     (narrow: about 6 min for 300 steps; wide: about 20)
 
 The GPT's side of reading is what bench/reading_gpt.py measures; this bench takes it away. The towers, projector and
@@ -9,7 +9,9 @@ reading head (model/reading.py) of `--preset=mini16` learn from line pages (`REA
 fly) what the trainer's reading loss teaches them: each token's character and the one before it, on the tokens the
 characters' centres fall in; 28 pages a step, AdamW at 1e-3, clip 1.0 (`--pages` and `--lr` change the first two;
 `--train_set lines` trains on pages of up to five such lines, three times the characters a page, `--train_set
-dense` on pages of up to eight lines of 4-10 characters). Printed every 50 steps: *ink accuracy*, the share of 100
+dense` on pages of up to eight lines of 4-10 characters; `--optimizer muon` trains them as the trainer's
+`--optimizer=muon` does: DeepSpeed's Muon at `--muon_lr` on their hidden matrices, AdamW at `--lr` on the rest,
+`ocr_vlm.train.param_groups`). Printed every 50 steps: *ink accuracy*, the share of 100
 held-out line pages' characters whose token's own readout names them (chance about 0.02), and the seconds a step
 has taken so far.
 
@@ -26,12 +28,13 @@ from dataclasses import replace
 import torch
 
 from harness import fix_threads, parser
-from ocr_vlm import config
+from ocr_vlm import cli, config
 from ocr_vlm.data.render import READING_SETS, reading_page
 from ocr_vlm.data.sample import character_centres
 from ocr_vlm.image import load_views, token_cells
 from ocr_vlm.model.reading import inked, reading_cells, reading_targets
 from ocr_vlm.model.vlm import build_model
+from ocr_vlm.train import _optimizer, param_groups
 
 PAGES = 28                       # a step's pages: what `make read` packs into a step
 ARMS = {
@@ -70,13 +73,17 @@ def main() -> None:
     p.add_argument("--pages", type=int, default=PAGES, help="pages a step (default %(default)s)")
     p.add_argument("--train_set", choices=sorted(READING_SETS), default="line",
                    help="the reading set it trains on (default %(default)s)")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
+    p.add_argument("--muon_lr", type=float, default=0.02, help="Muon's lr (default %(default)s)")
     args = p.parse_args()
     fix_threads(args.threads)
+    recipe = cli.train_config([f"--lr={args.lr}", f"--optimizer={args.optimizer}", f"--muon_lr={args.muon_lr}"])
     cfg = ARMS[args.arm](replace(config.mini16(), reading_head=True)).validate()
     torch.manual_seed(0)
     model = build_model(cfg).train()
+    model.freeze(("gpt",))                      # the towers' side alone: the optimizer leaves the GPT out
     params = [q for name in ("sam", "clip", "projector") for q in model.component_parameters(name)]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = _optimizer(param_groups(model, recipe), recipe, offload=False)
     train, held_out = random.Random(1), pages(cfg, random.Random(2), 100)
     spent = 0.0
     for step in range(1, args.steps + 1):

@@ -79,6 +79,7 @@ class GPTConfig:
     n_embd: int = 1280            # width
     logit_softcap: float = 15.0   # logits = cap * tanh(logits / cap)
     rope_base: float = 10000.0    # rotary base frequency
+    smear: bool = False           # each input embedding plus a learned per-channel share of the one before (model/gpt.py)
 
     @property
     def head_dim(self) -> int:
@@ -98,6 +99,7 @@ class VLMConfig:
     reading_head: bool = False    # a character loss on the vision tokens, training-only unless reading_code (model/reading.py)
     reading_pointer: bool = False  # training-only: one GPT head points at the character it writes (model/reading.py)
     reading_code: bool = False    # the GPT reads what the reading head names, embedded, with each vision token (model/reading.py)
+    reading_back: int = 1         # characters before each token's own that its reading head names: 1, or 2 (model/reading.py)
     tile_size: int = 0            # Gundam's local tile side (0: fixed mode, global view only)
     min_crops: int = 2            # Gundam tile grids hold min_crops..max_crops tiles (the paper trained up to 9)
     max_crops: int = 6            # Gundam's most tiles per page
@@ -176,6 +178,7 @@ class VLMConfig:
         _check(self.max_crops >= self.min_crops, "max_crops", f"{self.max_crops} is below min_crops={self.min_crops}")
         _check(self.reading_head or not self.reading_pointer, "reading_pointer",
                "trains with the reading head's data: set reading_head=true too")
+        _check(self.reading_back in (1, 2), "reading_back", f"{self.reading_back} is not 1 or 2")
         _check(self.reading_head or not self.reading_code, "reading_code",
                "embeds the reading head's readouts: set reading_head=true too")
         _check(g.sequence_len > self.max_image_tokens, "gpt.sequence_len",

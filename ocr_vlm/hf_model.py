@@ -78,10 +78,19 @@ class OcrVlmForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 class _Cache:
-    """A transformers Cache behind the interface model/gpt.py's KVCache offers: `length` and `update(layer, k, v)`."""
+    """A transformers Cache behind the interface model/gpt.py's KVCache offers: `length`, `update(layer, k, v)` and
+    `previous`, the last input embedding the smear reads (kept on the transformers cache, which lives across calls)."""
 
     def __init__(self, cache):
         self.cache, self.length = cache, cache.get_seq_length()
+
+    @property
+    def previous(self) -> torch.Tensor | None:
+        return getattr(self.cache, "ocr_vlm_previous", None)
+
+    @previous.setter
+    def previous(self, embedding: torch.Tensor) -> None:
+        self.cache.ocr_vlm_previous = embedding
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.update(k, v, layer)

@@ -608,6 +608,11 @@ def deepspeed_config(path: str, cfg: TrainConfig, world: int, device: torch.devi
     if bf16.get("enabled") == "auto":
         bf16["enabled"], why = _native_bf16(device)
         chose = f"bf16 \"auto\" chose {'bf16' if bf16['enabled'] else 'fp32'}: {why}"
+    if cfg.optimizer == "muon" and bf16["enabled"]:
+        # Measured with DeepSpeed 0.19.8 under ZeRO-2, on an H200 and on CPU: every gradient norm 0 from the first
+        # step, and no weight moves. fp32 trains (tests/test_train.py).
+        raise ConfigError(f"optimizer: muon under bf16 leaves every weight unchanged (DeepSpeed "
+                          f"{deepspeed.__version__}); use AdamW, or fp32 (bf16.enabled false in {path})")
     if cfg.optimizer == "muon" and ds["gradient_clipping"]:
         # DeepSpeed clips Muon's orthogonalised updates by the norm of all of them (about the square root of the
         # matrices' rows), which would scale Muon's lr down by that much; Muon's update has a fixed size anyway.

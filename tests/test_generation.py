@@ -1,8 +1,10 @@
 """Generation: the KV cache changes nothing, batching changes nothing, never-generated tokens never appear."""
 
+import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from ocr_vlm import config
@@ -16,9 +18,13 @@ TOK = Tokenizer.load(MINI_TOKENIZER)
 PROMPTS = ["<image>\nFree OCR.", "<image>\nRead the text in the image.", "<image>\nParse the figure, then list it."]
 
 
-def engine(seed=0) -> Generator:
+# with the smear, decoding also carries each row's last input embedding from step to step
+SMEAR = dataclasses.replace(CFG, gpt=dataclasses.replace(CFG.gpt, smear=True))
+
+
+def engine(seed=0, cfg=CFG) -> Generator:
     torch.manual_seed(seed)
-    model = randomize(build_model(CFG), 0.3, seed=None)      # random but confident: greedy paths differ per image
+    model = randomize(build_model(cfg), 0.3, seed=None)      # random but confident: greedy paths differ per image
     return Generator(model, TOK)
 
 
@@ -27,16 +33,18 @@ def images(n=3):
     return torch.randn(n, 3, CFG.image_size, CFG.image_size)
 
 
-def test_kv_cache_equals_full_recompute_token_for_token():
-    gen = engine()
+@pytest.mark.parametrize("cfg", [CFG, SMEAR], ids=["plain", "smear"])
+def test_kv_cache_equals_full_recompute_token_for_token(cfg):
+    gen = engine(cfg=cfg)
     cached = gen.generate(PROMPTS, images(), max_new_tokens=40)
     naive = gen.generate(PROMPTS, images(), max_new_tokens=40, use_cache=False)
     assert cached == naive
     assert len(set(cached)) == 3                         # different images, different outputs
 
 
-def test_batched_left_padded_equals_one_by_one():
-    gen = engine()
+@pytest.mark.parametrize("cfg", [CFG, SMEAR], ids=["plain", "smear"])
+def test_batched_left_padded_equals_one_by_one(cfg):
+    gen = engine(cfg=cfg)
     batched = gen.generate(PROMPTS, images(), max_new_tokens=30)
     alone = [gen.generate([p], images()[i:i + 1], max_new_tokens=30)[0] for i, p in enumerate(PROMPTS)]
     assert batched == alone

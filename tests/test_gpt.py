@@ -1,5 +1,5 @@
 """The GPT on its own: nanochat's init rule, meta build + to_empty + init_weights, exact d20 sizes, per-document
-attention against the dense document mask it replaced.
+attention against the dense document mask it replaced, the smear within a document.
 
 Parity with transformers' NanoChat is in test_parity.py; packing, chunked loss and checkpointing in test_model.py.
 """
@@ -109,6 +109,19 @@ def test_the_attention_a_head_pays_and_what_it_carries_are_what_the_pointer_is_t
     torch.testing.assert_close(outputs[0][0, query].view(4, -1)[head], expected, atol=1e-5, rtol=1e-5)
     alone = outputs[0][0, query].view(4, -1) * (torch.arange(4) == head).unsqueeze(1)    # the other heads' share zeroed
     torch.testing.assert_close(carried, attn.c_proj(alone.flatten()).expand(14, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_the_smear_reads_the_previous_embedding_within_a_document_only():
+    cfg = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, smear=True)
+    gpt = randomize(GPT(cfg), 0.3)
+    assert torch.equal(GPT(cfg).smear_gate, torch.zeros(64))         # off at first: a plain GPT until it learns
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
+    packed = gpt.hidden(gpt.embed(torch.cat([a, b], 1)), position_ids=torch.cat([torch.arange(7), torch.arange(5)])[None],
+                        doc_ids=torch.tensor([[0] * 7 + [1] * 5]))
+    alone = torch.cat([gpt.hidden(gpt.embed(ids)) for ids in (a, b)], 1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    gpt.smear_gate.data.zero_()
+    assert not torch.allclose(gpt.hidden(gpt.embed(a)), alone[:, :7], atol=1e-3)   # the smear did change them
 
 
 def test_documents_are_runs_within_a_row():

@@ -1,5 +1,7 @@
 """--optimizer=muon: which parameters DeepSpeed's Muon trains, at what lr, and the ds_config it needs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,6 +52,13 @@ def test_muon_turns_deepspeed_gradient_clipping_off_and_says_so():
     assert "optimizer=muon turned gradient_clipping 1.0 off" in chose
     ds, _ = deepspeed_config("ds_configs/zero2.json", cli.train_config([]), world=2, device=torch.device("cpu"))
     assert ds["gradient_clipping"] == 1.0
+
+
+def test_muon_under_bf16_is_refused(tmp_path):
+    forced = tmp_path / "bf16.json"
+    forced.write_text(Path("ds_configs/zero2.json").read_text().replace('"enabled": "auto"', '"enabled": true'))
+    with pytest.raises(ConfigError, match="optimizer: muon under bf16 leaves every weight unchanged"):
+        deepspeed_config(str(forced), cli.train_config(["--optimizer=muon"]), world=2, device=torch.device("cpu"))
 
 
 def test_muon_with_an_offloaded_optimizer_is_refused():

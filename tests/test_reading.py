@@ -76,6 +76,20 @@ def test_the_reading_head_also_reads_the_character_before_each_token():
     assert torch.allclose(head.loss(tokens, targets, lengths, cells), expected, atol=1e-6)
 
 
+def test_with_two_back_the_head_also_reads_the_character_before_the_previous_one():
+    torch.manual_seed(0)
+    head = ReadingHead(width=4, code=True, back=2)
+    tokens = torch.randn(2, 3, 4)
+    targets, lengths = torch.tensor(reading_targets("a b c") + reading_targets("d")), torch.tensor([3, 1])
+    cells = torch.tensor(reading_cells("a b c", [0, 1, 2]) + reading_cells("d", [1]))
+    previous = torch.tensor([BACKGROUND, ord("a"), ord("b"), BACKGROUND])
+    two_back = torch.tensor([BACKGROUND, BACKGROUND, ord("a"), BACKGROUND])   # a page's first two have none
+    expected = (byte_loss(head.proj(tokens), targets, lengths, cells) + byte_loss(head.previous(tokens), previous,
+                lengths, cells) + byte_loss(head.two_back(tokens), two_back, lengths, cells)) / 3
+    assert torch.allclose(head.loss(tokens, targets, lengths, cells), expected, atol=1e-6)
+    assert head.embed(tokens).shape == tokens.shape and head.code.in_features == 3 * CLASSES
+
+
 def test_the_head_counts_the_placed_characters_each_readout_names_on_their_tokens():
     head = ReadingHead(width=CLASSES)
     with torch.no_grad():        # both readouts' logits are the tokens themselves

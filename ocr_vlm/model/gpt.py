@@ -38,6 +38,7 @@ class KVCache:
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0            # positions filled; advanced after the last layer wrote
+        self.previous = None       # the last position's input embedding (B, 1, D), for the smear
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -183,6 +184,7 @@ class GPT(nn.Module):
             "h": nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
         })
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.smear_gate = nn.Parameter(torch.zeros(cfg.n_embd)) if cfg.smear else None
         # fp32 rotary tables, ten times the trained context as nanochat does; not saved, so init_weights fills them
         # (a meta build + to_empty would otherwise leave them as uninitialised memory).
         table = (cfg.sequence_len * 10, cfg.head_dim // 2)
@@ -205,6 +207,8 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 module.weight.normal_(0, 1.0)
         self.lm_head.weight.zero_()
+        if self.smear_gate is not None:
+            self.smear_gate.zero_()
         for block in self.transformer.h:
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
@@ -236,6 +240,8 @@ class GPT(nn.Module):
         cos = self.cos[position_ids].unsqueeze(1).to(x.dtype)
         sin = self.sin[position_ids].unsqueeze(1).to(x.dtype)
         layout = Documents(doc_ids) if doc_ids is not None else attention_mask(key_valid, past, T, x.device)
+        if self.smear_gate is not None:
+            x = self.smear(x, doc_ids, key_valid, cache)
         x = norm(x)
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         attended = None
@@ -247,6 +253,28 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         return norm(x) if attention is None else (norm(x), attended)
+
+    def smear(self, x: torch.Tensor, doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None,
+              cache: KVCache | None) -> torch.Tensor:
+        """Each position's input embedding plus `smear_gate` (per channel, zero at first) times the one before it, so
+        that the first layer's queries know the last two tokens: the pointer's query (model/reading.py) can then tell
+        the second `t` of `tt` from the first. Only a predecessor of the same document (`doc_ids`) that is a real token
+        (`key_valid`, left padding) counts; in cached decoding it is the cache's last embedding."""
+        B, T, D = x.shape
+        past = cache.length if cache is not None else 0
+        before = cache.previous if past else x.new_zeros(B, 1, D)
+        if cache is not None:
+            cache.previous = x[:, -1:]
+        previous = torch.cat([before, x[:, :-1]], 1)
+        kept = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        kept[:, 0] = past > 0
+        if doc_ids is not None:
+            kept[:, 1:] &= doc_ids[:, 1:] == doc_ids[:, :-1]
+        if key_valid is not None:     # (B, past + T): whether each new position's predecessor is a real token
+            kept[:, 1:] &= key_valid[:, past:past + T - 1]
+            if past:
+                kept[:, 0] &= key_valid[:, past - 1]
+        return x + self.smear_gate.to(x.dtype) * previous * kept.unsqueeze(-1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return softcap(self.lm_head(h).float(), self.cfg.logit_softcap)
