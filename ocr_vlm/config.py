@@ -274,9 +274,10 @@ class TrainConfig:
     muon_lr: float = 0.02         # optimizer=muon: peak learning rate of the hidden matrices (nanochat's 0.02)
     muon_momentum: float = 0.95   # optimizer=muon: Muon's momentum
     vision_lr_scale: float = 1.0  # lr multiplier for SAM, CLIP and the projector (the GPT trains at lr)
-    schedule: str = "cosine"      # cosine (warmup then cosine) | step (warmup then x decay_factor every decay_every) | constant
+    schedule: str = "cosine"      # cosine | step (x decay_factor every decay_every) | warmdown | constant, after warmup
     warmup_steps: int = 100       # steps of linear warmup
-    min_lr_ratio: float = 0.0     # cosine floor as a fraction of lr
+    min_lr_ratio: float = 0.0     # cosine and warmdown floor as a fraction of lr
+    warmdown_ratio: float = 0.4   # warmdown schedule: share of the steps, at the end, that decay linearly to the floor
     decay_every: int = 2000       # step schedule: steps between decays
     decay_factor: float = 0.1     # step schedule: lr multiplier at each decay
     weight_decay: float = 0.0     # AdamW weight decay
@@ -309,7 +310,9 @@ class TrainConfig:
         _check(self.preset in PRESETS, "preset", f"{self.preset!r} is not one of {', '.join(PRESETS)}")
         _check(self.stage in STAGES, "stage", f"{self.stage} is not 1 or 2")
         _check(self.mode in ("", *MODES), "mode", f"{self.mode!r} is not one of {', '.join(MODES)}")
-        _check(self.schedule in ("cosine", "step", "constant"), "schedule", f"{self.schedule!r} is not cosine|step|constant")
+        _check(self.schedule in ("cosine", "step", "warmdown", "constant"), "schedule",
+               f"{self.schedule!r} is not cosine|step|warmdown|constant")
+        _check(0 < self.warmdown_ratio <= 1, "warmdown_ratio", f"{self.warmdown_ratio} is not in (0, 1]")
         _check(self.steps > 0, "steps", "must be positive")
         _check(math.isfinite(self.lr) and self.lr > 0, "lr", f"{self.lr} is not a positive finite number")
         _check(self.optimizer in ("adamw", "muon"), "optimizer", f"{self.optimizer!r} is not adamw|muon")

@@ -1,4 +1,4 @@
-"""The learning-rate schedule of a recipe: linear warmup, then cosine, step decay or constant."""
+"""The learning-rate schedule of a recipe: linear warmup, then cosine, step decay, warmdown or constant."""
 
 from __future__ import annotations
 
@@ -16,4 +16,8 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "step":
         return cfg.decay_factor ** (step // cfg.decay_every)
+    if cfg.schedule == "warmdown":
+        # constant, then a straight line to the floor over the last warmdown_ratio of the run (nanochat's shape)
+        left = (cfg.steps - step) / max(1.0, cfg.warmdown_ratio * cfg.steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * min(1.0, left)
     return 1.0

@@ -65,10 +65,23 @@ def test_preset_stage_and_mode_choose_defaults_before_the_other_keys():
     (["--freeze=towers"], "freeze"),
     (["--optimizer=sgd"], "optimizer"),
     (["--optimizer=muon", "--muon_lr=0"], "muon_lr"),
+    (["--schedule=warmdown", "--warmdown_ratio=0"], "warmdown_ratio"),
 ])
 def test_bad_recipes_name_the_field(args, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         cli.train_config(args)
+
+
+def test_warmdown_holds_the_peak_then_falls_linearly_to_the_floor():
+    from ocr_vlm.schedule import lr_multiplier
+    cfg = cli.train_config(["--steps=100", "--warmup_steps=10", "--schedule=warmdown", "--warmdown_ratio=0.4",
+                            "--min_lr_ratio=0.1"])
+    factors = [lr_multiplier(step, cfg) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0        # warmup
+    assert set(factors[10:61]) == {1.0}                                   # the peak until 40 steps are left
+    falls = [a - b for a, b in zip(factors[60:], factors[61:])]
+    assert falls == pytest.approx([0.9 / 40] * 39)                        # a straight line ...
+    assert factors[-1] == pytest.approx(0.1 + 0.9 / 40)                  # ... whose next point is the floor
 
 
 def test_help_lists_every_key_with_its_default_and_a_doc(capsys):
