@@ -49,8 +49,9 @@ demo: setup
 # it finds there to the output; and the reading code hands the GPT what the head names. It trains on pages of up to
 # eight lines of 4-10 of the held-out set's characters (the towers' code forms by the characters in a step, so 8
 # fuller pages a step), with nanochat's optimizer: Muon on every hidden matrix, towers' and GPT's alike (the code forms
-# several times sooner than under AdamW, README #muon), AdamW on the rest, 0.3x for the last third (README #anneal);
-# the GPT's smear and the head's two-back readout let the pointer tell a repeated character's two places apart.
+# several times sooner than under AdamW, README #muon), AdamW on the rest, and the lr falling in a straight line to
+# zero over the last two thirds of the steps (README #warmdown); the GPT's smear and the head's two-back readout let
+# the pointer tell a repeated character's two places apart.
 # The held-out pages come from another seed, so the model has never seen them; runs/read/eval/report.html holds their
 # CER, and the run's metrics.jsonl the learning curve (image gap and CER by minutes and pages seen).
 READ_SET       ?= line
@@ -60,7 +61,7 @@ READ_STEPS     ?= 2250
 READ_ARGS  := --output_dir=runs/read --data.shards=runs/read/data/train --val_shards=runs/read/data/heldout \
 	--preset=mini16 --steps=$(READ_STEPS) --global_batch=2 --micro_batch=1 --data.seq_len=1536 --data.num_workers=1 \
 	--data.shuffle_buffer=500 --optimizer=muon --muon_lr=0.01 --lr=3e-3 --vision_lr_scale=1 --warmup_steps=10 \
-	--checkpointing= --schedule=step --decay_every=1500 --decay_factor=0.3 \
+	--checkpointing= --schedule=warmdown --warmdown_ratio=0.66 \
 	--model.vision_norm=true --model.reading_head=true --model.reading_pointer=true --model.reading_code=true \
 	--model.gpt.smear=true --model.reading_back=2 \
 	--reading_weight=1 --val_every=250 --val_read=100 --val_read_tokens=24 --log_every=50
