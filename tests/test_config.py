@@ -4,6 +4,7 @@ import pytest
 
 from ocr_vlm import cli, config
 from ocr_vlm.config import ConfigError, GPTConfig, VLMConfig
+from ocr_vlm.schedule import lr_multiplier
 
 
 def test_d20_is_ten_heads_of_128():
@@ -73,7 +74,6 @@ def test_bad_recipes_name_the_field(args, field):
 
 
 def test_warmdown_holds_the_peak_then_falls_linearly_to_the_floor():
-    from ocr_vlm.schedule import lr_multiplier
     cfg = cli.train_config(["--steps=100", "--warmup_steps=10", "--schedule=warmdown", "--warmdown_ratio=0.4",
                             "--min_lr_ratio=0.1"])
     factors = [lr_multiplier(step, cfg) for step in range(100)]
