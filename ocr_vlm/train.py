@@ -593,8 +593,9 @@ def _unpickling(path: Path, what: str, opt_out: str, trusted: bool):
 
 
 def deepspeed_config(path: str, cfg: TrainConfig, world: int, device: torch.device) -> tuple[dict, str]:
-    """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in, and what
-    bf16 "auto" chose and why ("" when the config sets it), and whether Muon turned gradient clipping off."""
+    """The ds_config with the recipe's batch sizes (the one place they are set) and precision filled in, and a note
+    of what the trainer decided for the user ("" if nothing): what bf16 "auto" chose and why, and which DeepSpeed
+    settings Muon turned off."""
     ds = json.loads(Path(path).read_text())
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
@@ -604,23 +605,27 @@ def deepspeed_config(path: str, cfg: TrainConfig, world: int, device: torch.devi
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
     ds["gradient_accumulation_steps"] = cfg.global_batch // (cfg.micro_batch * world)
     ds["train_batch_size"] = cfg.global_batch
-    bf16, chose = ds.setdefault("bf16", {"enabled": "auto"}), ""
+    bf16, notes = ds.setdefault("bf16", {"enabled": "auto"}), []
     if bf16.get("enabled") == "auto":
         bf16["enabled"], why = _native_bf16(device)
-        chose = f"bf16 \"auto\" chose {'bf16' if bf16['enabled'] else 'fp32'}: {why}"
-    if cfg.optimizer == "muon" and bf16["enabled"]:
-        # Measured with DeepSpeed 0.19.8 under ZeRO-2, on an H200 and on CPU: every gradient norm 0 from the first
-        # step, and no weight moves. fp32 trains (tests/test_train.py).
-        raise ConfigError(f"optimizer: muon under bf16 leaves every weight unchanged (DeepSpeed "
-                          f"{deepspeed.__version__}); use AdamW, or fp32 (bf16.enabled false in {path})")
+        notes.append(f"bf16 \"auto\" chose {'bf16' if bf16['enabled'] else 'fp32'}: {why}")
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.optimizer == "muon" and (bf16["enabled"] or zero.get("stage") == 3) and zero.get("reduce_scatter", True):
+        # DeepSpeed 0.19.8 refuses Muon with reduce-scatter under ZeRO-3, and under ZeRO-1/2 with bf16 (fp32 gradient
+        # accumulation) its reduce-scatter merges a Muon matrix's range into the AdamW range before it and drops
+        # that range's destination, so those gradients never arrive (measured: norm 0 from the first step). The
+        # all-reduce path copies each parameter's range; the trace then matches fp32's (tests/test_train.py).
+        zero["reduce_scatter"] = False
+        notes.append("optimizer=muon turned zero_optimization.reduce_scatter off (DeepSpeed drops gradients with it "
+                     "under bf16, refuses it under ZeRO-3)")
     if cfg.optimizer == "muon" and ds["gradient_clipping"]:
         # DeepSpeed clips Muon's orthogonalised updates by the norm of all of them (about the square root of the
         # matrices' rows), which would scale Muon's lr down by that much; Muon's update has a fixed size anyway.
-        chose = "; ".join(filter(None, [chose, f"optimizer=muon turned gradient_clipping {ds['gradient_clipping']} "
-                                               "off (DeepSpeed would clip Muon's updates, not its gradients)"]))
+        notes.append(f"optimizer=muon turned gradient_clipping {ds['gradient_clipping']} off (DeepSpeed would clip "
+                     "Muon's updates, not its gradients)")
         ds["gradient_clipping"] = 0.0
     ds.setdefault("steps_per_print", 10 ** 9)
-    return ds, chose
+    return ds, "; ".join(notes)
 
 
 def _native_bf16(device: torch.device) -> tuple[bool, str]:

@@ -54,11 +54,18 @@ def test_muon_turns_deepspeed_gradient_clipping_off_and_says_so():
     assert ds["gradient_clipping"] == 1.0
 
 
-def test_muon_under_bf16_is_refused(tmp_path):
-    forced = tmp_path / "bf16.json"
-    forced.write_text(Path("ds_configs/zero2.json").read_text().replace('"enabled": "auto"', '"enabled": true'))
-    with pytest.raises(ConfigError, match="optimizer: muon under bf16 leaves every weight unchanged"):
-        deepspeed_config(str(forced), cli.train_config(["--optimizer=muon"]), world=2, device=torch.device("cpu"))
+def test_muon_turns_reduce_scatter_off_under_bf16_and_zero3_and_says_so(tmp_path):
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(Path("ds_configs/zero2.json").read_text().replace('"enabled": "auto"', '"enabled": true'))
+    muon, cpu = cli.train_config(["--optimizer=muon"]), torch.device("cpu")
+    for path in (bf16, "ds_configs/zero3.json"):
+        ds, chose = deepspeed_config(str(path), muon, world=2, device=cpu)
+        assert ds["zero_optimization"]["reduce_scatter"] is False
+        assert "optimizer=muon turned zero_optimization.reduce_scatter off" in chose
+    ds, chose = deepspeed_config("ds_configs/zero2.json", muon, world=2, device=cpu)   # fp32 ZeRO-2 keeps it
+    assert ds["zero_optimization"]["reduce_scatter"] is True and "reduce_scatter" not in chose
+    ds, _ = deepspeed_config(str(bf16), cli.train_config([]), world=2, device=cpu)       # and AdamW everywhere
+    assert ds["zero_optimization"]["reduce_scatter"] is True
 
 
 def test_muon_with_an_offloaded_optimizer_is_refused():

@@ -53,7 +53,7 @@ def run(cmd: list[str], timeout: int = 600) -> str:
 
 def deepspeed(out: Path, *args: str, ranks: int = 2, ds_config: str = "zero2.json") -> str:
     return run([str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-                "launch/train.py", "--ds_config", f"ds_configs/{ds_config}", f"--output_dir={out}", *TINY_RUN, *args])
+                "launch/train.py", "--ds_config", str(ROOT / "ds_configs" / ds_config), f"--output_dir={out}", *TINY_RUN, *args])
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -213,6 +213,20 @@ def test_muon_learns_and_resumes_exactly(tmp_path):
     uninterrupted, after = losses(first), losses(resumed)
     assert uninterrupted[8] < uninterrupted[1] - 1.0
     assert [after[s] for s in range(5, 9)] == [uninterrupted[s] for s in range(5, 9)]   # Muon's momentum came back
+
+
+def test_muon_under_bf16_follows_the_fp32_trace(tmp_path):
+    """DeepSpeed's reduce-scatter loses gradients with Muon under bf16 (the trainer turns it off): every weight would
+    stay put. bf16 rounding aside, the run must learn what fp32 learns."""
+    (tmp_path / "bf16.json").write_text((ROOT / "ds_configs" / "zero2.json").read_text()
+                                        .replace('"enabled": "auto"', '"enabled": true'))
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    deepspeed(fp32, "--steps=6", "--optimizer=muon")
+    log = deepspeed(bf16, "--steps=6", "--optimizer=muon", ds_config=str(tmp_path / "bf16.json"))
+    assert "ZeRO-2, bf16, MuonWithAuxAdam" in log and "turned zero_optimization.reduce_scatter off" in log
+    want, got = losses(fp32), losses(bf16)
+    assert want[6] < want[1] - 0.5
+    assert all(abs(got[s] - want[s]) < 0.01 for s in range(1, 7)), (want, got)
 
 
 def test_universal_checkpoint_resumes_two_ranks_on_one(zero2, tmp_path):
