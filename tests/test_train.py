@@ -53,7 +53,8 @@ def run(cmd: list[str], timeout: int = 600) -> str:
 
 def deepspeed(out: Path, *args: str, ranks: int = 2, ds_config: str = "zero2.json") -> str:
     return run([str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-                "launch/train.py", "--ds_config", str(ROOT / "ds_configs" / ds_config), f"--output_dir={out}", *TINY_RUN, *args])
+                "launch/train.py", "--ds_config", str(ROOT / "ds_configs" / ds_config), f"--output_dir={out}",
+                *TINY_RUN, *args])
 
 
 def losses(out: Path) -> dict[int, float]:
