@@ -1,7 +1,5 @@
 """--optimizer=muon: which parameters DeepSpeed's Muon trains, at what lr, and the ds_config it needs."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -9,6 +7,7 @@ from ocr_vlm import cli
 from ocr_vlm.config import ConfigError
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.train import _optimizer, deepspeed_config, param_groups
+from test_train import forced_bf16
 
 READING = ["--preset=mini16", "--model.vision_norm=true", "--model.reading_head=true", "--model.reading_code=true"]
 
@@ -55,8 +54,7 @@ def test_muon_turns_deepspeed_gradient_clipping_off_and_says_so():
 
 
 def test_muon_turns_reduce_scatter_off_under_bf16_and_zero3_and_says_so(tmp_path):
-    bf16 = tmp_path / "bf16.json"
-    bf16.write_text(Path("ds_configs/zero2.json").read_text().replace('"enabled": "auto"', '"enabled": true'))
+    bf16 = forced_bf16("zero2", tmp_path)
     muon, cpu = cli.train_config(["--optimizer=muon"]), torch.device("cpu")
     for path in (bf16, "ds_configs/zero3.json"):
         ds, chose = deepspeed_config(str(path), muon, world=2, device=cpu)

@@ -57,6 +57,14 @@ def deepspeed(out: Path, *args: str, ranks: int = 2, ds_config: str = "zero2.jso
                 *TINY_RUN, *args])
 
 
+def forced_bf16(name: str, out_dir: Path) -> Path:
+    """ds_configs/<name>.json with bf16 forced on (the shipped configs leave it to "auto": fp32 on CPU)."""
+    forced = out_dir / f"{name}_bf16.json"
+    forced.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / f"{name}.json").read_text()),
+                                  "bf16": {"enabled": True}}))
+    return forced
+
+
 def losses(out: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if "loss" in m}
@@ -219,11 +227,9 @@ def test_muon_learns_and_resumes_exactly(tmp_path):
 def test_muon_under_bf16_follows_the_fp32_trace(tmp_path):
     """DeepSpeed's reduce-scatter loses gradients with Muon under bf16 (the trainer turns it off): every weight would
     stay put. bf16 rounding aside, the run must learn what fp32 learns."""
-    (tmp_path / "bf16.json").write_text((ROOT / "ds_configs" / "zero2.json").read_text()
-                                        .replace('"enabled": "auto"', '"enabled": true'))
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     deepspeed(fp32, "--steps=6", "--optimizer=muon")
-    log = deepspeed(bf16, "--steps=6", "--optimizer=muon", ds_config=str(tmp_path / "bf16.json"))
+    log = deepspeed(bf16, "--steps=6", "--optimizer=muon", ds_config=str(forced_bf16("zero2", tmp_path)))
     assert "ZeRO-2, bf16, MuonWithAuxAdam" in log and "turned zero_optimization.reduce_scatter off" in log
     want, got = losses(fp32), losses(bf16)
     assert want[6] < want[1] - 0.5
@@ -331,7 +337,5 @@ def test_shipped_deepspeed_configs_accumulate_in_fp32_and_say_what_bf16_auto_cho
     if zero["stage"] == 3:       # each below the 962M-parameter model, or ZeRO-3 would gather all of it
         assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 200_000_000
         assert zero["stage3_prefetch_bucket_size"] == 50_000_000 and zero["stage3_param_persistence_threshold"] == 100_000
-    forced = tmp_path / "forced.json"
-    forced.write_text(json.dumps({**json.loads(Path(f"ds_configs/{name}.json").read_text()), "bf16": {"enabled": True}}))
-    ds, chose = deepspeed_config(str(forced), cfg, world=2, device=torch.device("cpu"))
+    ds, chose = deepspeed_config(str(forced_bf16(name, tmp_path)), cfg, world=2, device=torch.device("cpu"))
     assert ds["bf16"]["enabled"] is True and chose == ""              # a config that says so is obeyed, unremarked
