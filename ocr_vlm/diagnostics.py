@@ -75,7 +75,7 @@ def towers_verdict(reading_loss: float, classes: int) -> str:
 
 
 def head_verdict(own: float, previous: float) -> str:
-    """What the reading head names of the characters whose place the pages know: set against the CER of what the
-    GPT writes, it tells which side lags."""
-    return (f"the reading head names {own:.0%} of the pages' characters on their tokens, and {previous:.0%} the "
-            f"character before")
+    """What the reading head names of the characters whose place the pages know (each token's last, what it is
+    trained on): set against the CER of what the GPT writes, it tells which side lags."""
+    return (f"the reading head names {own:.0%} of the pages' characters on their tokens (each token's last), and "
+            f"{previous:.0%} the character before")

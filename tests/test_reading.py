@@ -45,9 +45,22 @@ def test_the_reading_loss_is_the_cross_entropy_to_each_pages_byte_histogram():
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
-def test_reading_cells_give_every_byte_its_characters_token():
-    assert reading_cells("a\u00e9 b", [4, 5, 9]) == [4, 5, 5, 9]       # é is two bytes, both under its token
+def test_reading_cells_train_each_token_on_the_last_byte_under_it():
+    assert reading_cells("a\u00e9 b", [4, 5, 9]) == [4, -1, 5, 9]      # é is two bytes under one token: its last
+    assert reading_cells("ab cd", [4, 4, 4, 5]) == [-1, -1, 4, 5]        # three characters on token 4: c, the last
     assert reading_cells("a\u00e9 b", None) == [-1] * 4
+
+
+def test_a_token_holding_two_characters_is_trained_on_the_last_and_its_previous_readout_on_the_first():
+    torch.manual_seed(0)
+    head = ReadingHead(width=4)
+    tokens = torch.randn(1, 2, 4)
+    cells = torch.tensor(reading_cells("ab", [1, 1]))          # both on token 1; token 0 is background
+    own, previous = head(tokens).log_softmax(-1)
+    expected = -(own[0, 1, ord("b")] + own[0, 0, BACKGROUND]
+                 + previous[0, 1, ord("a")] + previous[0, 0, BACKGROUND]) / 2
+    assert torch.allclose(head.loss(tokens, torch.tensor(reading_targets("ab")), torch.tensor([2]), cells), expected,
+                          atol=1e-6)
 
 
 def test_with_positions_each_token_is_trained_on_the_character_centred_on_it():
