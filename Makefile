@@ -54,26 +54,41 @@ demo: setup
 # the pointer tell a repeated character's two places apart.
 # The held-out pages come from another seed, so the model has never seen them; runs/read/eval/report.html holds their
 # CER, and the run's metrics.jsonl the learning curve (image gap and CER by minutes and pages seen).
-READ_SET       ?= line
-READ_TRAIN_SET ?= $(if $(filter line,$(READ_SET)),dense,$(READ_SET))
-READ_PAGES     ?= 26000
-READ_STEPS     ?= 2900
+# READ_SET=page (1-4 lines of 4-16 characters with spaces, 16-28 px, three fonts) first trains that line model
+# (runs/read/line), then goes on from its weights on such pages for READ_PAGE_STEPS: the towers' code forms on the
+# larger glyphs, and the page stage starts from it (at its step 500 the CER a run from scratch has at step 2,000).
+READ_SET        ?= line
+READ_TRAIN_SET  ?= $(if $(filter line page,$(READ_SET)),dense,$(READ_SET))
+READ_PAGES      ?= 26000
+READ_STEPS      ?= 2900
+READ_PAGE_STEPS ?= 5500
 # bf16 where this CPU computes it natively (AVX512-BF16 or AMX; 1.3x a step here, README #bf16), fp32 elsewhere, where
 # bf16 is emulated and several times slower. READ_BF16=false keeps fp32 anyway.
-READ_BF16      ?= $(if $(shell grep -s -m1 -E -o 'avx512_bf16|amx_bf16' /proc/cpuinfo),true,false)
-READ_ARGS  := --output_dir=runs/read --data.shards=runs/read/data/train --val_shards=runs/read/data/heldout \
-	--preset=mini16 --steps=$(READ_STEPS) --global_batch=2 --micro_batch=1 --data.seq_len=1536 --data.num_workers=1 \
+READ_BF16       ?= $(if $(shell grep -s -m1 -E -o 'avx512_bf16|amx_bf16' /proc/cpuinfo),true,false)
+READ_ARGS := --preset=mini16 --global_batch=2 --micro_batch=1 --data.seq_len=1536 --data.num_workers=1 \
 	--data.shuffle_buffer=500 --optimizer=muon --muon_lr=0.01 --lr=3e-3 --vision_lr_scale=1 --warmup_steps=10 \
 	--checkpointing= --schedule=warmdown --warmdown_ratio=0.66 \
 	--model.vision_norm=true --model.reading_head=true --model.reading_pointer=true --model.reading_code=true \
-	--model.gpt.smear=true --model.reading_back=2 \
-	--reading_weight=1 --val_every=250 --val_read=100 --val_read_tokens=24 --log_every=50
+	--model.gpt.smear=true --model.reading_back=2 --reading_weight=1 --log_every=50
+# $(call read_stage,DIR,TRAIN_SET,HELDOUT_SET,STEPS,VAL_TOKENS,REPORT_TOKENS,EXTRA): render the stage's training
+# pages (seed 1) and 200 held-out ones (seed 2), train on them into DIR (reading 100 held-out pages back every 250
+# steps, at most VAL_TOKENS tokens each), and report on all 200 (DIR/eval; room enough to show a runaway answer).
+define read_stage
+	$(PY) -m ocr_vlm.data.render reading --set $(2) --n $(READ_PAGES) --seed 1 --out $(1)/data/train
+	$(PY) -m ocr_vlm.data.render reading --set $(3) --n 200 --seed 2 --out $(1)/data/heldout
+	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --ds_config runs/read/ds_config.json $(READ_ARGS) \
+		--output_dir=$(1) --data.shards=$(1)/data/train --val_shards=$(1)/data/heldout --steps=$(4) \
+		--val_every=250 --val_read=100 --val_read_tokens=$(5) $(7)
+	$(PY) -m ocr_vlm.report --checkpoint $(1)/export --shards $(1)/data/heldout --out $(1)/eval \
+		--max_new_tokens $(6)
+endef
 read: setup
-	rm -rf runs/read
-	$(PY) -m ocr_vlm.data.render reading --set $(READ_TRAIN_SET) --n $(READ_PAGES) --seed 1 --out runs/read/data/train
-	$(PY) -m ocr_vlm.data.render reading --set $(READ_SET) --n 200 --seed 2 --out runs/read/data/heldout
+	rm -rf runs/read && mkdir -p runs/read
 	$(PY) -c 'import json; c = json.load(open("ds_configs/zero2.json")); c["bf16"]["enabled"] = json.loads("$(READ_BF16)"); \
 		json.dump(c, open("runs/read/ds_config.json", "w"), indent=2)'
-	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --ds_config runs/read/ds_config.json $(READ_ARGS)
-	$(PY) -m ocr_vlm.report --checkpoint runs/read/export --shards runs/read/data/heldout --out runs/read/eval \
-		--max_new_tokens 80
+ifeq ($(READ_SET),page)
+	$(call read_stage,runs/read/line,$(READ_TRAIN_SET),line,$(READ_STEPS),24,80)
+	$(call read_stage,runs/read,page,page,$(READ_PAGE_STEPS),100,120,--init=ocr_vlm=runs/read/line/export/model.safetensors)
+else
+	$(call read_stage,runs/read,$(READ_TRAIN_SET),$(READ_SET),$(READ_STEPS),24,80)
+endif
