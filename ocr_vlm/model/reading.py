@@ -103,8 +103,8 @@ def reading_targets(text: str) -> list[int]:
 
 def reading_cells(text: str, cells: list[int] | None) -> list[int]:
     """The token each of `reading_targets(text)`'s bytes is trained on: its character's `cells` entry (one per
-    `inked` character) for the last byte on that token, -1 for the bytes before it there (the token's `previous` and
-    `two_back` readouts name those) and for every byte of a page without positions."""
+    `inked` character) for the last of consecutive bytes on one token, -1 for the ones before it there (the token's
+    `previous` and `two_back` readouts name those) and for every byte of a page without positions."""
     chars = inked(text)
     if cells is None:
         return [-1] * len(chars.encode("utf-8"))
