@@ -32,7 +32,7 @@ from ocr_vlm import cli, config
 from ocr_vlm.data.render import READING_SETS, reading_page
 from ocr_vlm.data.sample import character_centres
 from ocr_vlm.image import load_views, token_cells
-from ocr_vlm.model.reading import inked, reading_cells, reading_targets
+from ocr_vlm.model.reading import Reading, places
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.train import _optimizer, param_groups
 
@@ -43,24 +43,22 @@ ARMS = {
 }
 
 
-def pages(cfg: config.VLMConfig, rng: random.Random, n: int, name: str = "line") -> tuple[torch.Tensor, ...]:
-    """n rendered pages of a reading set: uint8 pixels, reading targets, their counts per page, their cells."""
-    pixels, targets, lengths, cells = [], [], [], []
+def pages(cfg: config.VLMConfig, rng: random.Random, n: int, name: str = "line") -> tuple[torch.Tensor, Reading]:
+    """n rendered pages of a reading set: uint8 pixels, and what they say about their characters."""
+    pixels, placed = [], []
     for _ in range(n):
         page = reading_page(rng, READING_SETS[name])
         views = load_views(page.image, cfg)
         pixels.append(views.global_view)
-        targets += reading_targets(page.text)
-        lengths.append(len(inked(page.text)))
-        cells += reading_cells(page.text, token_cells(character_centres(page.chars, page.text), views.size, cfg))
-    return torch.stack(pixels), torch.tensor(targets), torch.tensor(lengths), torch.tensor(cells)
+        placed.append((page.text, token_cells(character_centres(page.chars, page.text), views.size, cfg)))
+    return torch.stack(pixels), places(placed)
 
 
-def ink_accuracy(model, held_out: tuple[torch.Tensor, ...]) -> float:
-    pixels, targets, lengths, cells = held_out
+def ink_accuracy(model, held_out: tuple[torch.Tensor, Reading]) -> float:
+    pixels, reading = held_out
     model.eval()
     with torch.no_grad():
-        named, _, placed = model.reading_head.named(model.projected_tokens(pixels), targets, lengths, cells).tolist()
+        named, _, placed = model.reading_head.named(model.projected_tokens(pixels), reading).tolist()
     model.train()
     return named / placed
 
@@ -87,9 +85,9 @@ def main() -> None:
     train, held_out = random.Random(1), pages(cfg, random.Random(2), 100)
     spent = 0.0
     for step in range(1, args.steps + 1):
-        pixels, targets, lengths, cells = pages(cfg, train, args.pages, args.train_set)
+        pixels, reading = pages(cfg, train, args.pages, args.train_set)
         start = time.perf_counter()
-        loss = model.reading_head.loss(model.projected_tokens(pixels), targets, lengths, cells)
+        loss = model.reading_head.loss(model.projected_tokens(pixels), reading)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

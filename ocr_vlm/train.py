@@ -42,12 +42,12 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from ocr_vlm import cli, config, dist, flops, weights
 from ocr_vlm.config import COMPONENTS, ConfigError, TrainConfig
-from ocr_vlm.data.loader import Loader
+from ocr_vlm.data.loader import Loader, batch_reading
 from ocr_vlm.data.sample import read_examples
 from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.diagnostics import VisionShare, head_verdict, mismatched, towers_verdict, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import CLASSES, Reading
+from ocr_vlm.model.reading import CLASSES
 from ocr_vlm.model.vlm import VLM, build_model, parameter_table
 from ocr_vlm.metrics import scores
 from ocr_vlm.report import read_back
@@ -274,8 +274,7 @@ class Trainer:
         out = self.model_engine(tensors["input_ids"], targets=tensors["targets"],
                           pixel_values=pixels,
                           position_ids=tensors["position_ids"], doc_ids=tensors["doc_ids"],
-                          reading=Reading(tensors["reading_targets"], tensors["reading_lengths"],
-                                          tensors["reading_cells"], tensors["pointer"]) if reading else None,
+                          reading=batch_reading(tensors, self.device) if reading else None,
                           tile_values=tensors["tile_values"],
                           tile_grids=tensors["tile_grids"])
         return out if reading else (out, None)
@@ -381,8 +380,8 @@ class Trainer:
                 projected = module.projected_tokens(pixels)
                 tokens = module.read_tokens(projected)
                 if module.reading_head is not None:
-                    places = [batch[k].to(self.device) for k in ("reading_targets", "reading_lengths", "reading_cells")]
-                    named += module.reading_head.named(projected, *places).cpu().double() * weight
+                    reading = batch_reading(batch, self.device)
+                    named += module.reading_head.named(projected, reading).cpu().double() * weight
                 if weight:
                     share.add(tokens)
             last = batch

@@ -20,7 +20,7 @@ from ocr_vlm.tokenizer import MINI_TOKENIZER
 
 SUPERVISED = [3, None, None, None]     # row 0 keeps 3 supervised tokens; the others their own (85, 40, 32)
 TENSORS = ("input_ids", "targets", "position_ids", "doc_ids", "pixel_values", "tile_values", "tile_grids", "reading_targets",
-           "reading_lengths", "reading_cells")
+           "reading_gaps", "reading_lengths", "reading_cells")
 
 
 def rows(cfg) -> list[dict]:

@@ -14,6 +14,7 @@ from ocr_vlm.data.loader import Loader
 from ocr_vlm.data.shards import Record, write_shards
 from ocr_vlm.generation import Generator
 from ocr_vlm.image import layout_main, load_views, stack_views, tile_grid
+from ocr_vlm.model.reading import places
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 
@@ -218,7 +219,7 @@ def test_training_forward_reaches_every_parameter_with_and_without_tiles():
 def test_reading_head_reads_the_global_views_of_a_tiled_batch():
     cfg = dataclasses.replace(gundam(), reading_head=True)
     lm, reading, _ = build_model(cfg).train()(**gundam_batch(cfg, PAGES),
-                                           reading=(torch.tensor([65, 66] * 3), torch.tensor([2, 2, 2])))
+                                           reading=places([("AB", None)] * 3))
     assert torch.isfinite(lm) and reading > 0
 
 

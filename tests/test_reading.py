@@ -15,8 +15,8 @@ from ocr_vlm.data.render import READING_SETS, page_record, reading_page
 from ocr_vlm.data.sample import decode
 from ocr_vlm.diagnostics import BLIND_GAP, VisionShare, mismatched, verdict
 from ocr_vlm.model.gpt import GPT, IGNORE_INDEX, norm
-from ocr_vlm.model.reading import (BACKGROUND, CLASSES, ReadingHead, VisionNorm, byte_loss, pointer_loss,
-                                   reading_cells, reading_targets)
+from ocr_vlm.model.reading import (BACKGROUND, CLASSES, NEWLINE, SPACE, ReadingHead, VisionNorm, byte_loss,
+                                   places, pointer_loss, reading_cells, reading_gaps, reading_targets)
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
@@ -26,6 +26,12 @@ CFG = dataclasses.replace(config.mini(), reading_head=True, vision_norm=True)
 
 def test_reading_targets_are_the_bytes_without_whitespace():
     assert reading_targets("aB 3\nxY") == list(b"aB3xY")
+
+
+def test_each_targets_gap_is_the_whitespace_between_it_and_the_character_before():
+    assert reading_gaps("aB 3\nxY") == [BACKGROUND, BACKGROUND, SPACE, NEWLINE, BACKGROUND]
+    assert reading_gaps(" a \n b  c") == [SPACE, NEWLINE, SPACE]          # a line break among spaces is a line break
+    assert reading_gaps("a \u00e9") == [BACKGROUND, SPACE, BACKGROUND]    # é's second byte follows its first
 
 
 def test_the_reading_loss_is_the_cross_entropy_to_each_pages_byte_histogram():
@@ -56,11 +62,10 @@ def test_a_token_holding_two_characters_is_trained_on_the_last_and_its_previous_
     head = ReadingHead(width=4)
     tokens = torch.randn(1, 2, 4)
     cells = torch.tensor(reading_cells("ab", [1, 1]))          # both on token 1; token 0 is background
-    own, previous = head(tokens).log_softmax(-1)
-    expected = -(own[0, 1, ord("b")] + own[0, 0, BACKGROUND]
-                 + previous[0, 1, ord("a")] + previous[0, 0, BACKGROUND]) / 2
-    assert torch.allclose(head.loss(tokens, torch.tensor(reading_targets("ab")), torch.tensor([2]), cells), expected,
-                          atol=1e-6)
+    own, previous, gap = head(tokens).log_softmax(-1)
+    expected = -(own[0, 1, ord("b")] + own[0, 0, BACKGROUND] + previous[0, 1, ord("a")] + previous[0, 0, BACKGROUND]
+                 + gap[0, 1, BACKGROUND] + gap[0, 0, BACKGROUND]) / 3
+    assert torch.allclose(head.loss(tokens, places([("ab", [1, 1])])), expected, atol=1e-6)
 
 
 def test_with_positions_each_token_is_trained_on_the_character_centred_on_it():
@@ -77,30 +82,34 @@ def test_with_positions_each_token_is_trained_on_the_character_centred_on_it():
     assert torch.allclose(loss, (per_token + bag) / 2, atol=1e-6)
 
 
-def test_the_reading_head_also_reads_the_character_before_each_token():
+def test_the_reading_head_also_reads_the_character_and_the_gap_before_each_token():
     torch.manual_seed(0)
     head = ReadingHead(width=4)
     tokens = torch.randn(2, 3, 4)
-    targets, lengths = torch.tensor(reading_targets("a b") + reading_targets("c")), torch.tensor([2, 1])
-    cells = torch.tensor(reading_cells("a b", [0, 2]) + reading_cells("c", [1]))
+    reading = places([("a b", [0, 2]), ("c", [1])])
+    targets, lengths, cells = reading.targets, reading.lengths, reading.cells
     before = torch.tensor([BACKGROUND, ord("a"), BACKGROUND])         # each page's first character has none
+    gaps = torch.tensor([BACKGROUND, SPACE, BACKGROUND])
     expected = (byte_loss(head.proj(tokens), targets, lengths, cells)
-                + byte_loss(head.previous(tokens), before, lengths, cells)) / 2
-    assert torch.allclose(head.loss(tokens, targets, lengths, cells), expected, atol=1e-6)
+                + byte_loss(head.previous(tokens), before, lengths, cells)
+                + byte_loss(head.gap(tokens), gaps, lengths, cells)) / 3
+    assert torch.allclose(head.loss(tokens, reading), expected, atol=1e-6)
 
 
 def test_with_two_back_the_head_also_reads_the_character_before_the_previous_one():
     torch.manual_seed(0)
     head = ReadingHead(width=4, code=True, back=2)
     tokens = torch.randn(2, 3, 4)
-    targets, lengths = torch.tensor(reading_targets("a b c") + reading_targets("d")), torch.tensor([3, 1])
-    cells = torch.tensor(reading_cells("a b c", [0, 1, 2]) + reading_cells("d", [1]))
+    reading = places([("a b\nc", [0, 1, 2]), ("d", [1])])
+    targets, lengths, cells = reading.targets, reading.lengths, reading.cells
     previous = torch.tensor([BACKGROUND, ord("a"), ord("b"), BACKGROUND])
     two_back = torch.tensor([BACKGROUND, BACKGROUND, ord("a"), BACKGROUND])   # a page's first two have none
+    gaps = torch.tensor([BACKGROUND, SPACE, NEWLINE, BACKGROUND])
     expected = (byte_loss(head.proj(tokens), targets, lengths, cells) + byte_loss(head.previous(tokens), previous,
-                lengths, cells) + byte_loss(head.two_back(tokens), two_back, lengths, cells)) / 3
-    assert torch.allclose(head.loss(tokens, targets, lengths, cells), expected, atol=1e-6)
-    assert head.embed(tokens).shape == tokens.shape and head.code.in_features == 3 * CLASSES
+                lengths, cells) + byte_loss(head.two_back(tokens), two_back, lengths, cells)
+                + byte_loss(head.gap(tokens), gaps, lengths, cells)) / 4
+    assert torch.allclose(head.loss(tokens, reading), expected, atol=1e-6)
+    assert head.embed(tokens).shape == tokens.shape and head.code.in_features == 4 * CLASSES
 
 
 def test_the_head_counts_the_placed_characters_each_readout_names_on_their_tokens():
@@ -113,11 +122,10 @@ def test_the_head_counts_the_placed_characters_each_readout_names_on_their_token
     tokens[0, 0, ord("a")] = tokens[0, 2, ord("c")] = tokens[1, 1, ord("d")] = 1.0   # names a, c, d at those tokens
     # page 0 "a b": a named at token 0, b (token 2) read as c; page 1 "d" has no positions, so it is not counted.
     # What comes before: a is the page's first (BACKGROUND, which token 0 does not name), before b comes a (not c).
-    targets = torch.tensor(reading_targets("a b") + reading_targets("d"))
-    cells = torch.tensor(reading_cells("a b", [0, 2]) + reading_cells("d", None))
-    assert head.named(tokens, targets, torch.tensor([2, 1]), cells).tolist() == [1, 0, 2]
+    reading = places([("a b", [0, 2]), ("d", None)])
+    assert head.named(tokens, reading).tolist() == [1, 0, 2]
     tokens[0, 2, ord("c")], tokens[0, 2, ord("a")] = 0.0, 1.0      # token 2 now names a: right before b, wrong as b
-    assert head.named(tokens, targets, torch.tensor([2, 1]), cells).tolist() == [1, 1, 2]
+    assert head.named(tokens, reading).tolist() == [1, 1, 2]
 
 
 def test_a_rendered_page_knows_which_token_each_character_is_under():
@@ -178,7 +186,7 @@ def test_reading_loss_trains_the_towers_and_not_the_gpt():
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[0, -2] = 7
     lm, reading, _ = model(ids, targets=targets, pixel_values=torch.randn(2, 3, CFG.image_size, CFG.image_size),
-                        reading=(torch.tensor(reading_targets("Ab3 xy")), torch.tensor([3, 2])))
+                        reading=places([("Ab3", None), ("xy", None)]))
     assert torch.isfinite(reading) and reading > 0
     reading.backward()
     for name in ("sam_model", "vision_model", "projector", "reading_head"):
@@ -217,7 +225,7 @@ def test_the_reading_head_reads_a_page_the_same_whatever_shares_its_batch():
     targets[0, -2] = 7
     pixels = torch.randint(0, 256, (3, 3, CFG.image_size, CFG.image_size), dtype=torch.uint8)
     # page 0 reads "ab" at tokens 5 and 6; its batch mate has no characters, so adds zero
-    reading = (torch.tensor(reading_targets("ab")), torch.tensor([2, 0]), torch.tensor(reading_cells("ab", [5, 6])))
+    reading = places([("ab", [5, 6]), ("", [])])
     _, alone, _ = model(ids, targets=targets, pixel_values=pixels[[0, 1]], reading=reading)
     _, with_another, _ = model(ids, targets=targets, pixel_values=pixels[[0, 2]], reading=reading)
     assert torch.allclose(alone, with_another)          # page 0's code is its own

@@ -24,7 +24,7 @@ from ocr_vlm.data.sample import Example, decode
 from ocr_vlm.data.stream import Origin, SampleStream, ShardSet
 from ocr_vlm.image import stack_views
 from ocr_vlm.model.gpt import IGNORE_INDEX
-from ocr_vlm.model.reading import places
+from ocr_vlm.model.reading import Reading, places
 from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import Tokenizer
 
@@ -140,7 +140,9 @@ class PackedBatches(IterableDataset):
                 counters["vision_samples" if ex.views is not None else "text_samples"] += 1
                 at += n
         batch["pixel_values"], batch["tile_values"], batch["tile_grids"] = stack_views(images, self.vlm)
-        batch["reading_targets"], batch["reading_lengths"], batch["reading_cells"] = places(pages)
+        reading = places(pages)
+        batch["reading_targets"], batch["reading_gaps"] = reading.targets, reading.gaps
+        batch["reading_lengths"], batch["reading_cells"] = reading.lengths, reading.cells
         # the pointer's pairs: (row, position, vision position, page), in row order
         batch["pointer"] = torch.tensor(pointer, dtype=torch.long).view(-1, 4)
         counters["samples"] = counters["vision_samples"] + counters["text_samples"]
@@ -151,6 +153,13 @@ class PackedBatches(IterableDataset):
         batch["counters"] = dict(counters)
         batch["state"] = {"worker": logical, "stream": state}
         return batch
+
+
+def batch_reading(batch: dict, device: torch.device) -> Reading:
+    """What a collated batch says about its pages' characters (its reading_* tensors and the pointer's pairs), on
+    `device`."""
+    return Reading(*(batch[k].to(device) for k in ("reading_targets", "reading_gaps", "reading_lengths",
+                                                     "reading_cells", "pointer")))
 
 
 def view_count(ex: Example) -> int:

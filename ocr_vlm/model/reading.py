@@ -79,13 +79,15 @@ from ocr_vlm.model.gpt import GPT, IGNORE_INDEX, norm
 
 CLASSES = 256
 BACKGROUND = 0       # the class of a token centred on no character
+NEWLINE, SPACE = ord("\n"), ord(" ")   # the `gap` readout's classes besides BACKGROUND
 POINTER_LAYER = 0    # the GPT layer whose head POINTER_HEAD the pointer trains: the first (see above)
 POINTER_HEAD = 0
 
 
 class Reading(NamedTuple):
-    """What a training batch's pages say about their characters, for the training-only losses."""
+    """What a batch's pages say about their characters, for the training-only losses and the head's count."""
     targets: torch.Tensor                  # every page's `reading_targets`, concatenated
+    gaps: torch.Tensor                     # each target's `reading_gaps`
     lengths: torch.Tensor                  # how many of them each page has
     cells: torch.Tensor | None = None      # each target's `reading_cells`
     pointer: torch.Tensor | None = None    # (P, 4): (row, position, vision position, page): the pointer's pairs
@@ -101,6 +103,20 @@ def reading_targets(text: str) -> list[int]:
     return list(inked(text).encode("utf-8"))
 
 
+def reading_gaps(text: str) -> list[int]:
+    """What separates each of `reading_targets(text)`'s bytes from the character before it, as the head's `gap`
+    readout is trained on: a line break (its byte) where the whitespace in between holds one, else a space where
+    there is whitespace, else BACKGROUND (also for a character's later bytes and the page's first)."""
+    gaps, gap = [], BACKGROUND
+    for char in text:
+        if char.isspace():
+            gap = NEWLINE if char == "\n" or gap == NEWLINE else SPACE
+        else:
+            gaps += [gap] + [BACKGROUND] * (len(char.encode("utf-8")) - 1)
+            gap = BACKGROUND
+    return gaps
+
+
 def reading_cells(text: str, cells: list[int] | None) -> list[int]:
     """The token each of `reading_targets(text)`'s bytes is trained on: its character's `cells` entry (one per
     `inked` character) for the last of consecutive bytes on one token, -1 for the ones before it there (the token's
@@ -112,13 +128,14 @@ def reading_cells(text: str, cells: list[int] | None) -> list[int]:
     return [-1 if cell == after else cell for cell, after in zip(under, under[1:] + [-1])]
 
 
-def places(pages: list[tuple[str, list[int] | None]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pages as (response, cells) -> the reading head's targets of all of them concatenated, how many each page has,
-    and the token under each (`Reading`'s targets, lengths and cells)."""
-    targets = [reading_targets(text) for text, _ in pages]
-    cells = [c for text, page_cells in pages for c in reading_cells(text, page_cells)]
-    return (torch.tensor([b for page in targets for b in page], dtype=torch.long),
-            torch.tensor([len(page) for page in targets], dtype=torch.long), torch.tensor(cells, dtype=torch.long))
+def places(pages: list[tuple[str, list[int] | None]]) -> Reading:
+    """Pages as (response, cells) -> the reading head's targets of all of them concatenated, what separates each
+    from the one before, how many each page has and the token under each (a `Reading` without the pointer)."""
+    def concatenated(per_page) -> torch.Tensor:
+        return torch.tensor([v for text, page_cells in pages for v in per_page(text, page_cells)], dtype=torch.long)
+    return Reading(concatenated(lambda text, _: reading_targets(text)), concatenated(lambda text, _: reading_gaps(text)),
+                   torch.tensor([len(reading_targets(text)) for text, _ in pages], dtype=torch.long),
+                   concatenated(reading_cells))
 
 
 class VisionNorm(nn.Module):
@@ -148,9 +165,10 @@ class VisionNorm(nn.Module):
 
 class ReadingHead(nn.Module):
     """Linear readouts of every vision token: the character under it (`proj`), the one before that in reading order
-    (`previous`: the page's preceding non-whitespace character, BACKGROUND for its first) and, with `back=2`, the one
+    (`previous`: the page's preceding non-whitespace character, BACKGROUND for its first), with `back=2` the one
     before that (`two_back`: keys that tell the two tokens following a `t` apart, for a query that knows the last
-    two characters, the GPT's smear). With `code`, also an embedding of what they name, which the GPT reads
+    two characters, the GPT's smear), and what separates its character from the previous one (`gap`: nothing, a
+    space or a line break, `reading_gaps`). With `code`, also an embedding of what they name, which the GPT reads
     (`embed`)."""
 
     def __init__(self, width: int, code: bool = False, back: int = 1):
@@ -158,38 +176,40 @@ class ReadingHead(nn.Module):
         self.proj = nn.Linear(width, CLASSES)
         self.previous = nn.Linear(width, CLASSES)
         self.two_back = nn.Linear(width, CLASSES) if back == 2 else None
-        self.code = nn.Linear((1 + back) * CLASSES, width, bias=False) if code else None
+        self.gap = nn.Linear(width, CLASSES)
+        self.code = nn.Linear((2 + back) * CLASSES, width, bias=False) if code else None
         if code:   # unit scale per channel, as the vision norm's tokens it joins
             nn.init.normal_(self.code.weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, tokens, D) -> (readouts, N, tokens, CLASSES): every token's logits for its character, the previous
-        one (and the one before), in fp32."""
-        readouts = [self.proj, self.previous] + ([self.two_back] if self.two_back is not None else [])
+        one (and the one before), and the gap before it, in fp32."""
+        readouts = [self.proj, self.previous] + ([self.two_back] if self.two_back is not None else []) + [self.gap]
         return torch.stack([readout(tokens) for readout in readouts]).float()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, tokens, D) -> (N, tokens, D): the embedding of the readouts' distributions."""
         return self.code(torch.cat(list(self(tokens).softmax(-1)), -1).to(self.code.weight.dtype))
 
-    def named(self, tokens: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
-              cells: torch.Tensor) -> torch.Tensor:
-        """(own, previous, placed): of the bytes whose token is known (`cells` >= 0, as `loss` takes them), how many
-        each readout of that token names (the byte, and the one before it). Set against the CER of what the GPT
-        writes, they say which side lags."""
+    def named(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
+        """(own, previous, placed): of the bytes of a batch's pages (`reading`) whose token is known (`cells` >= 0,
+        as `loss` takes them), how many each readout of that token names (the byte, and the one before it). Set
+        against the CER of what the GPT writes, they say which side lags."""
+        targets, lengths, cells = reading.targets, reading.lengths, reading.cells
         page, known = pages_of(lengths), cells >= 0
         named = [logits[page[known], cells[known]].argmax(-1) == wanted[known]
                  for logits, wanted in zip(self(tokens)[:2], (targets, before(targets, lengths)))]
         return torch.stack([named[0].sum(), named[1].sum(), known.sum()])
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
-             cells: torch.Tensor | None = None) -> torch.Tensor:
-        """The mean of the readouts' `byte_loss`: each token's character, the character before it (and the one
-        before that)."""
-        readouts, wanted = self(tokens), [targets]
-        while len(wanted) < len(readouts):
-            wanted.append(before(wanted[-1], lengths))
-        return sum(byte_loss(logits, w, lengths, cells) for logits, w in zip(readouts, wanted)) / len(readouts)
+    def loss(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
+        """The mean of the readouts' `byte_loss` over a batch's pages (`reading`): each token's character, the
+        character before it (and the one before that), and the gap before it."""
+        readouts, wanted = self(tokens), [reading.targets]
+        while len(wanted) < len(readouts) - 1:
+            wanted.append(before(wanted[-1], reading.lengths))
+        wanted.append(reading.gaps)
+        return sum(byte_loss(logits, w, reading.lengths, reading.cells)
+                   for logits, w in zip(readouts, wanted)) / len(readouts)
 
 
 def before(targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,7 @@ class VLM(nn.Module):
         if reading is None:
             return loss
         if images:
-            head = self.reading_head.loss(projected, reading.targets, reading.lengths, reading.cells)
+            head = self.reading_head.loss(projected, reading)
         else:
             head = 0.0 * self.reading_head(projected).sum() if self.training else loss * 0.0
         pointer = pointer_loss(self.gpt, attended, targets, reading.pointer, len(reading.lengths)) if pointing \
