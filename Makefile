@@ -62,7 +62,7 @@ READ_SET        ?= line
 READ_TRAIN_SET  ?= $(if $(filter line page,$(READ_SET)),dense,$(READ_SET))
 READ_PAGES      ?= 26000
 READ_STEPS      ?= 2900
-READ_PAGE_STEPS ?= 7000
+READ_PAGE_STEPS ?= 5500
 # bf16 where this CPU computes it natively (AVX512-BF16 or AMX; 1.3x a step here, README #bf16), fp32 elsewhere, where
 # bf16 is emulated and several times slower. READ_BF16=false keeps fp32 anyway.
 READ_BF16       ?= $(if $(shell grep -s -m1 -E -o 'avx512_bf16|amx_bf16' /proc/cpuinfo),true,false)

@@ -25,8 +25,12 @@ to read, and the model never starts.
   reads the tokens before the norm, so its code does not move with the norm's statistics (after a norm that
   centred each batch on its own mean, the per-token loss barely fell). Its second readout, `previous`, names the
   character before each token's in reading order: a token then says both what it is and what it follows, so
-  finding the next character is one lookup (which token follows the one just written?) instead of two. Training
-  only, unless the model has the reading code: it travels with the export either way.
+  finding the next character is one lookup (which token follows the one just written?) instead of two. Its `gap`
+  readout names what separates the token's character from the previous one: nothing, a space or a line break.
+  Whitespace leaves no ink of its own, and a space at 16-28 px is 5-9 px wide, less than a 16 px token, so where
+  the answer has one is a matter of the pixels around a character, which only the towers see; without it the GPT
+  had to guess spaces and line ends from where the pointed tokens sit. Training only, unless the model has the
+  reading code: it travels with the export either way.
 - The reading code (`reading_code`) hands the GPT what the head names. The head finds its code in a direction of
   the tokens that the GPT barely sees: on a line model whose head named 41% of the characters, the character
   explained no more of the normed tokens' variance at its token than chance, and the GPT wrote the right character
