@@ -87,7 +87,7 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         pixels, reading = pages(cfg, train, args.pages, args.train_set)
         start = time.perf_counter()
-        loss = model.reading_head.loss(model.projected_tokens(pixels), reading)
+        loss = model.reading_head.losses(model.projected_tokens(pixels), reading).mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -64,8 +64,9 @@ def verdict(gap: float) -> str:
 
 
 def towers_verdict(reading_loss: float, classes: int) -> str:
-    """One line on the towers: the reading head's loss against a uniform guess over the `classes` characters of
-    the val pages (log classes nats). Trained per token (pages with known positions), the head's other half, ink or
+    """One line on the towers: the loss of the reading head's character readout (each token's own character, not
+    the readouts of what comes before it) against a uniform guess over the `classes` characters of the val pages
+    (log classes nats). Trained per token (pages with known positions), the head's other half, ink or
     background, is learnt within steps by any towers: what is left for towers that name no character is the same."""
     uniform = math.log(max(classes, 1))
     if reading_loss > NO_CODE * uniform:

@@ -162,7 +162,8 @@ class Trainer:
         self.divergence = DivergenceGuard(cfg.diverge_steps, cfg.diverge_loss)
         self.bad_in_a_row = 0              # non-finite micro-batch losses in a row, across steps
         self.read_examples = None          # (tokenizer, this rank's share of the pages val_read reads back)
-        self.recent_reading = [0.0, 0]     # reading-head loss summed over the steps since the last validation, steps
+        self.recent_reading = [0.0, 0]     # the head's character readout's loss summed over the steps since the last
+                                           # validation, steps
         self.tracker = Tracker(self.out, resolved, enabled=self.rank == 0, use_wandb=cfg.wandb,
                                project=cfg.wandb_project, run_name=cfg.run_name, resume=resume_from is not None)
         self.frozen_before = {n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad} \
@@ -230,21 +231,24 @@ class Trainer:
         row does. DeepSpeed would divide by gas (skipped here: scale_wrt_gas=False) and averages gradients over the
         ranks (undone by x world size). `inspect` runs on the step's gradient, before the update; a micro-batch
         whose loss is non-finite on any rank is replaced from `spares` on every rank.
-        Returns (this rank's (token, reading head, pointer) loss sums, counters, micro-batches skipped, inspect's
-        result)."""
+        Returns (this rank's (token, reading head, pointer, the head's character readout) loss sums, counters,
+        micro-batches skipped, inspect's result)."""
         reading_on = self.cfg.reading_weight > 0
         local = [[b["counters"].get("target_tokens", 0), b["counters"].get("vision_samples", 0)] for b in micro_batches]
         step_tokens, step_images = (max(x, 1.0) for x in
                                     self._sum_over_ranks(torch.tensor(local, dtype=torch.float64).sum(0)).tolist())
         queue, done, skipped, result = list(micro_batches), 0, 0, None
-        sums, counters = torch.zeros(3, dtype=torch.float64, device=self.device), {}
+        sums, counters = torch.zeros(4, dtype=torch.float64, device=self.device), {}
         while done < self.gas:
             batch = queue.pop(0) if queue else next(spares)
             n, i = (batch["counters"].get(k, 0) for k in ("target_tokens", "vision_samples"))
-            lm, *reading = self._forward(batch, reading=reading_on)
-            # model losses are means: the token loss per token, the reading head's and the pointer's per image
-            token_sum, reading_sums = lm * n, (torch.stack(reading) * i if reading_on else lm.new_zeros(2))
-            loss = self.world * (token_sum / step_tokens + self.cfg.reading_weight * reading_sums.sum() / step_images)
+            lm, head, pointer = self._forward(batch, reading=reading_on)
+            # model losses are means: the token loss per token, the reading head's (its readouts' mean, and the
+            # first's alone for the towers' verdict) and the pointer's per image
+            token_sum = lm * n
+            reading_sums = torch.stack([head.mean(), pointer, head[0]]) * i if reading_on else lm.new_zeros(3)
+            loss = self.world * (token_sum / step_tokens
+                                 + self.cfg.reading_weight * reading_sums[:2].sum() / step_images)
             if dist.any_rank_non_finite(loss):
                 # Every rank drops this micro-batch together (no backward, no engine.step), so the optimizer never
                 # sees a non-finite gradient; a fresh one takes its place (weighted by the step's count as drawn).
@@ -266,7 +270,8 @@ class Trainer:
         return sums, counters, skipped, result
 
     def _forward(self, batch: dict, pixels: torch.Tensor | None = None, reading: bool = False):
-        """(cross-entropy, reading head's loss, pointer's loss), or (cross-entropy, None) without `reading`.
+        """(cross-entropy, the reading head's readouts' losses, pointer's loss), or (cross-entropy, None, None)
+        without `reading`.
         `pixels` replaces the batch's global views (the mismatched-image check; Gundam tiles stay the page's own,
         their count is fixed by the placeholders)."""
         tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -277,7 +282,7 @@ class Trainer:
                           reading=batch_reading(tensors, self.device) if reading else None,
                           tile_values=tensors["tile_values"],
                           tile_grids=tensors["tile_grids"])
-        return out if reading else (out, None)
+        return out if reading else (out, None, None)
 
     def _logs(self, step: int) -> bool:
         """Whether `step` prints and records its metrics (the same answer on every rank)."""
@@ -300,16 +305,16 @@ class Trainer:
 
     def _log(self, sums: torch.Tensor, lr: float, counters: dict, skipped_micro: int, grad_norms: dict,
              dt: float) -> dict:
-        """`sums`: this rank's (token, reading head, pointer) losses summed over the step's supervised tokens and
-        images (the last two per image). Returns the step's metrics, the same on every rank: the loss is the mean
-        over the global batch's supervised tokens."""
+        """`sums`: this rank's (token, reading head, pointer, the head's character readout) losses summed over the
+        step's supervised tokens and images (the last three per image). Returns the step's metrics, the same on every
+        rank: the loss is the mean over the global batch's supervised tokens."""
         counts = torch.tensor([counters.get(k, 0) for k in ("target_tokens", "tokens", "samples", "vision_samples",
                                                             "tiles", "squared_lengths")]
                               + [sum(v for k, v in counters.items() if k.startswith("skipped/"))], dtype=torch.float64)
         totals = self._sum_over_ranks(torch.cat([sums, counts.to(sums.device)]))     # the step's one reduction of metrics
-        target_tokens, tokens, samples, images, tiles, squared_lengths, skipped = (int(x) for x in totals[3:])
+        target_tokens, tokens, samples, images, tiles, squared_lengths, skipped = (int(x) for x in totals[4:])
         loss_mean = totals[0].item() / max(target_tokens, 1)
-        reading_mean, pointer_mean = (totals[k].item() / max(images, 1) for k in (1, 2))
+        reading_mean, pointer_mean, character_mean = (totals[k].item() / max(images, 1) for k in (1, 2, 3))
         grad_norm = self.model_engine.get_global_grad_norm()
         train_flops = (tokens * self.token_flops + flops.gpt_attention_train_flops(self.cfg.model, squared_lengths)
                        + images * self.image_flops + tiles * self.tile_flops)
@@ -321,8 +326,8 @@ class Trainer:
                    **{f"grad_norm/{name}": norm for name, norm in grad_norms.items()}}
         self.samples_seen, self.train_seconds = metrics["samples_seen"], self.train_seconds + dt
         if self.cfg.reading_weight:
-            metrics["reading_loss"] = reading_mean
-            self.recent_reading[0] += reading_mean          # the towers' verdict at the next validation
+            metrics["reading_loss"], metrics["reading_character_loss"] = reading_mean, character_mean
+            self.recent_reading[0] += character_mean        # the towers' verdict at the next validation
             self.recent_reading[1] += 1
         if self.cfg.model.reading_pointer:
             metrics["pointer_loss"] = pointer_mean
@@ -370,8 +375,8 @@ class Trainer:
             weight = 1.0 if batch is not None else 0.0
             batch, previous = (batch if batch is not None else last), (last["pixel_values"] if last else None)
             n = int((batch["targets"] != IGNORE_INDEX).sum()) * weight
-            own, _ = self._forward(batch)
-            other, _ = self._forward(batch, pixels=mismatched(batch["pixel_values"], previous))
+            own, *_ = self._forward(batch)
+            other, *_ = self._forward(batch, pixels=mismatched(batch["pixel_values"], previous))
             total += torch.tensor([own.float().item() * n, other.float().item() * n, n], dtype=torch.float64)
             if weight:
                 classes[batch["reading_targets"]] = 1
@@ -401,11 +406,11 @@ class Trainer:
         if self.recent_reading[1]:
             # The head as trained: under the norm's batch statistics. Evaluation's tracked statistics would measure
             # how far those lag behind towers that move fast, not whether the towers tell characters apart.
-            result["eval/reading_loss_train"] = self.recent_reading[0] / self.recent_reading[1]
+            result["eval/reading_character_loss"] = self.recent_reading[0] / self.recent_reading[1]
             result["eval/reading_classes"] = int((classes > 0).sum())
             self.recent_reading = [0.0, 0]
             dist.print0(f"step {self.step:05d} | "
-                        f"{towers_verdict(result['eval/reading_loss_train'], result['eval/reading_classes'])}"
+                        f"{towers_verdict(result['eval/reading_character_loss'], result['eval/reading_classes'])}"
                         + ("; " + head_verdict(result["eval/head_accuracy"], result["eval/head_previous_accuracy"])
                            if "eval/head_accuracy" in result else ""))
         predictions = []

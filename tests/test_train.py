@@ -106,11 +106,12 @@ def test_reading_head_and_tower_gradients_are_logged(tmp_path):
     steps = [m for m in metrics if "loss" in m]
     assert all(m["reading_loss"] > 0 for m in steps)
     assert all(m["pointer_loss"] == 0 for m in steps)     # tier1's pages say not where their characters are
-    # at eval, the head's loss since the last one against a uniform guess over the characters the val pages hold
-    (val,) = [m for m in metrics if "eval/reading_loss_train" in m]
+    # at eval, the loss of the head's character readout since the last one against a uniform guess over the
+    # characters the val pages hold
+    (val,) = [m for m in metrics if "eval/reading_character_loss" in m]
     examples, _ = read_examples("shards/tier1", Tokenizer.load(MINI_TOKENIZER), config.mini())
     assert val["eval/reading_classes"] == len({b for ex in examples for b in reading_targets(ex.response)})
-    assert val["eval/reading_loss_train"] == pytest.approx(sum(m["reading_loss"] for m in steps) / 2)   # their mean
+    assert val["eval/reading_character_loss"] == pytest.approx(sum(m["reading_character_loss"] for m in steps) / 2)
     assert "NO CHARACTER CODE" in out                                 # two steps have taught it nothing
     assert "eval/head_accuracy" not in val     # tier1's pages say not where their characters are: nothing to count
     # after one update every component has a gradient (nanochat's zero-initialised output layers pass none at step 1)

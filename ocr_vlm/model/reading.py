@@ -137,9 +137,9 @@ def places(pages: list[tuple[str, list[int] | None]]) -> Reading:
     from the one before, how many each page has and the token under each (a `Reading` without the pointer)."""
     def concatenated(per_page) -> torch.Tensor:
         return torch.tensor([v for text, page_cells in pages for v in per_page(text, page_cells)], dtype=torch.long)
-    return Reading(concatenated(lambda text, _: reading_targets(text)), concatenated(lambda text, _: reading_gaps(text)),
-                   torch.tensor([len(reading_targets(text)) for text, _ in pages], dtype=torch.long),
-                   concatenated(reading_cells))
+    targets, gaps = (concatenated(lambda text, _: of(text)) for of in (reading_targets, reading_gaps))
+    lengths = torch.tensor([len(reading_targets(text)) for text, _ in pages], dtype=torch.long)
+    return Reading(targets, gaps, lengths, concatenated(reading_cells))
 
 
 class VisionNorm(nn.Module):
@@ -185,11 +185,13 @@ class ReadingHead(nn.Module):
         if code:   # unit scale per channel, as the vision norm's tokens it joins
             nn.init.normal_(self.code.weight)
 
+    def readouts(self) -> list[nn.Linear]:
+        """The character under each token, the previous one (and the one before), and the gap before it."""
+        return [self.proj, self.previous] + ([self.two_back] if self.two_back is not None else []) + [self.gap]
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, tokens, D) -> (readouts, N, tokens, CLASSES): every token's logits for its character, the previous
-        one (and the one before), and the gap before it, in fp32."""
-        readouts = [self.proj, self.previous] + ([self.two_back] if self.two_back is not None else []) + [self.gap]
-        return torch.stack([readout(tokens) for readout in readouts]).float()
+        """(N, tokens, D) -> (readouts, N, tokens, CLASSES): every token's logits from each of `readouts`, in fp32."""
+        return torch.stack([readout(tokens) for readout in self.readouts()]).float()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, tokens, D) -> (N, tokens, D): the embedding of the readouts' distributions."""
@@ -205,15 +207,16 @@ class ReadingHead(nn.Module):
                  for logits, wanted in zip(self(tokens)[:2], (targets, before(targets, lengths)))]
         return torch.stack([named[0].sum(), named[1].sum(), known.sum()])
 
-    def loss(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
-        """The mean of the readouts' `byte_loss` over a batch's pages (`reading`): each token's character, the
-        character before it (and the one before that), and the gap before it."""
+    def losses(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
+        """(readouts,): each of `readouts`' `byte_loss` over a batch's pages (`reading`). Training takes their mean;
+        the first alone (the character under each token) says whether the towers tell characters apart
+        (diagnostics.towers_verdict)."""
         readouts, wanted = self(tokens), [reading.targets]
         while len(wanted) < len(readouts) - 1:
             wanted.append(before(wanted[-1], reading.lengths))
         wanted.append(reading.gaps)
-        return sum(byte_loss(logits, w, reading.lengths, reading.cells)
-                   for logits, w in zip(readouts, wanted)) / len(readouts)
+        return torch.stack([byte_loss(logits, w, reading.lengths, reading.cells)
+                            for logits, w in zip(readouts, wanted)])
 
 
 def before(targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -151,8 +151,8 @@ class VLM(nn.Module):
 
         Gundam batches add `tile_values` (M,3,t,t), every image's tiles in order, and `tile_grids` (N,2).
         With `reading` (model/reading.py's `Reading`: the images' reading targets, and where on the pages they are)
-        it returns (cross-entropy, the reading head's loss over the global views, the pointer's loss: 0 without
-        one); weighing them is the trainer's business.
+        it returns (cross-entropy, each of the reading head's readouts' loss over the global views, the pointer's
+        loss: 0 without one); weighing them is the trainer's business.
 
         A text-only batch in training still runs the towers (and the reading head), on a blank image weighted by
         zero, at the same points as a batch with images; in Gundam mode a batch without tiles runs a blank tile the
@@ -188,11 +188,12 @@ class VLM(nn.Module):
         if reading is None:
             return loss
         if images:
-            head = self.reading_head.loss(projected, reading)
+            head = self.reading_head.losses(projected, reading)
         else:
-            head = 0.0 * self.reading_head(projected).sum() if self.training else loss * 0.0
+            head = 0.0 * self.reading_head(projected).sum((1, 2, 3)) if self.training \
+                else loss.new_zeros(len(self.reading_head.readouts()))
         pointer = pointer_loss(self.gpt, attended, targets, reading.pointer, len(reading.lengths)) if pointing \
-            else head * 0.0
+            else head.sum() * 0.0
         return loss, head, pointer
 
     def freeze(self, components: tuple[str, ...]) -> None:
