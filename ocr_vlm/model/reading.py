@@ -136,10 +136,11 @@ def places(pages: list[tuple[str, list[int] | None]]) -> Reading:
     """Pages as (response, cells) -> the reading head's targets of all of them concatenated, what separates each
     from the one before, how many each page has and the token under each (a `Reading` without the pointer)."""
     def concatenated(per_page) -> torch.Tensor:
-        return torch.tensor([v for text, page_cells in pages for v in per_page(text, page_cells)], dtype=torch.long)
-    targets, gaps = (concatenated(lambda text, _: of(text)) for of in (reading_targets, reading_gaps))
-    lengths = torch.tensor([len(reading_targets(text)) for text, _ in pages], dtype=torch.long)
-    return Reading(targets, gaps, lengths, concatenated(reading_cells))
+        return torch.tensor([v for page in per_page for v in page], dtype=torch.long)
+    targets = [reading_targets(text) for text, _ in pages]
+    return Reading(concatenated(targets), concatenated(reading_gaps(text) for text, _ in pages),
+                   torch.tensor([len(page) for page in targets], dtype=torch.long),
+                   concatenated(reading_cells(text, cells) for text, cells in pages))
 
 
 class VisionNorm(nn.Module):
@@ -199,7 +200,7 @@ class ReadingHead(nn.Module):
 
     def named(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
         """(own, previous, placed): of the bytes of a batch's pages (`reading`) whose token is known (`cells` >= 0,
-        as `loss` takes them), how many each readout of that token names (the byte, and the one before it). Set
+        as `losses` takes them), how many each readout of that token names (the byte, and the one before it). Set
         against the CER of what the GPT writes, they say which side lags."""
         targets, lengths, cells = reading.targets, reading.lengths, reading.cells
         page, known = pages_of(lengths), cells >= 0
