@@ -58,7 +58,7 @@ def ink_accuracy(model, held_out: tuple[torch.Tensor, Reading]) -> float:
     pixels, reading = held_out
     model.eval()
     with torch.no_grad():
-        named, _, placed = model.reading_head.named(model.projected_tokens(pixels), reading).tolist()
+        named, _, _, placed = model.reading_head.named(model.projected_tokens(pixels), reading).tolist()
     model.train()
     return named / placed
 

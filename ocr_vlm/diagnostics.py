@@ -70,13 +70,19 @@ def towers_verdict(reading_loss: float, classes: int) -> str:
     background, is learnt within steps by any towers: what is left for towers that name no character is the same."""
     uniform = math.log(max(classes, 1))
     if reading_loss > NO_CODE * uniform:
-        return (f"NO CHARACTER CODE: the reading head's {reading_loss:.2f} nats is the uniform guess over the "
-                f"{classes} characters of the val pages ({uniform:.2f}); the towers don't tell them apart yet")
-    return f"the towers tell characters apart: reading head {reading_loss:.2f} nats against {uniform:.2f} for a guess"
+        return (f"NO CHARACTER CODE: the reading head's character readout at {reading_loss:.2f} nats is the uniform "
+                f"guess over the {classes} characters of the val pages ({uniform:.2f}); the towers don't tell them "
+                f"apart yet")
+    return (f"the towers tell characters apart: the reading head's character readout at {reading_loss:.2f} nats "
+            f"against {uniform:.2f} for a guess")
 
 
-def head_verdict(own: float, previous: float) -> str:
+# What ReadingHead.named counts, as shares of the characters whose place the pages know (metrics and report keys).
+HEAD_ACCURACIES = ("head_accuracy", "head_previous_accuracy", "head_gap_accuracy")
+
+
+def head_verdict(own: float, previous: float, gap: float) -> str:
     """What the reading head names of the characters whose place the pages know (each token's last, what it is
     trained on): set against the CER of what the GPT writes, it tells which side lags."""
-    return (f"the reading head names {own:.0%} of the pages' characters on their tokens (each token's last), and "
-            f"{previous:.0%} the character before")
+    return (f"the reading head names {own:.0%} of the pages' characters on their tokens (each token's last), "
+            f"{previous:.0%} the character before and {gap:.0%} the gap before (nothing, a space, a line break)")

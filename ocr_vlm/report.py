@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ocr_vlm.data.sample import Example, iter_examples
 from ocr_vlm.data.stream import ShardSet
-from ocr_vlm.diagnostics import VisionShare, head_verdict, mismatched, verdict
+from ocr_vlm.diagnostics import HEAD_ACCURACIES, VisionShare, head_verdict, mismatched, verdict
 from ocr_vlm.generation import Generator
 from ocr_vlm.image import add_mode_arguments, apply_mode, stack_views
 from ocr_vlm.metrics import Normalization, Totals, scores
@@ -67,7 +67,7 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
     model.eval()
     rejected, totals, rows, started = Counter(), Totals(), [], time.perf_counter()
     share = VisionShare(model.cfg.vision_grid ** 2, model.cfg.gpt.n_embd)
-    named = torch.zeros(3, dtype=torch.long)   # the reading head's `named`: own, previous, placed
+    named = torch.zeros(4, dtype=torch.long)   # the reading head's `named`: own, previous, gap, placed
     expected = min(ShardSet.from_spec(shards).total, limit if limit is not None else math.inf)
     bar = tqdm(total=expected, desc="reading", unit="page", disable=not progress or None)
     examples, previous = iter_examples(shards, tokenizer, model.cfg, limit, rejected), None
@@ -100,8 +100,8 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
                "distinct_outputs": len({r["generated"] for r in rows}), "image_gap": gap,
                "vision_share": share.share(), "skipped": dict(rejected), "seconds": seconds,
                "seconds_per_1000_pages": 1000 * seconds / max(1, len(rows))}
-    if named[2]:
-        summary["head_accuracy"], summary["head_previous_accuracy"] = (named[:2] / named[2]).tolist()
+    if named[-1]:
+        summary.update(zip(HEAD_ACCURACIES, (named[:-1] / named[-1]).tolist()))
     return {"summary": summary, "samples": rows}
 
 
@@ -144,7 +144,7 @@ def _head_clause(summary: dict) -> str:
     say not where their characters are."""
     if "head_accuracy" not in summary:
         return ""
-    return "; " + head_verdict(summary["head_accuracy"], summary["head_previous_accuracy"])
+    return "; " + head_verdict(*(summary[name] for name in HEAD_ACCURACIES))
 
 
 def curves(metrics_jsonl: Path, out_dir: Path) -> list[str]:

@@ -45,7 +45,7 @@ from ocr_vlm.config import COMPONENTS, ConfigError, TrainConfig
 from ocr_vlm.data.loader import Loader, batch_reading
 from ocr_vlm.data.sample import read_examples
 from ocr_vlm.data.stream import ShardSet
-from ocr_vlm.diagnostics import VisionShare, head_verdict, mismatched, towers_verdict, verdict
+from ocr_vlm.diagnostics import HEAD_ACCURACIES, VisionShare, head_verdict, mismatched, towers_verdict, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.reading import CLASSES
 from ocr_vlm.model.vlm import VLM, build_model, parameter_table
@@ -366,7 +366,7 @@ class Trainer:
         # own and other image loss x tokens, tokens; which bytes the pages hold (the reading head's classes)
         total, classes, last = torch.zeros(3, dtype=torch.float64), torch.zeros(CLASSES, dtype=torch.float64), None
         share = VisionShare(self.cfg.model.vision_grid ** 2, self.cfg.model.gpt.n_embd)
-        module, named = self.model_engine.module, torch.zeros(3, dtype=torch.float64)   # the head's `named`
+        module, named = self.model_engine.module, torch.zeros(4, dtype=torch.float64)   # the head's `named`
         while True:
             batch = next(batches, None)
             # ZeRO-3 gathers parameters collectively: ranks whose share ran out repeat a batch with zero weight.
@@ -400,9 +400,9 @@ class Trainer:
         dist.print0(f"step {self.step:05d} | val loss {result['eval/loss']:.4f} over {int(total[2])} target tokens | "
                     f"with another page's image {result['eval/loss_other_image']:.4f} | image-dependent share of "
                     f"vision tokens {result['eval/vision_share']:.4f} | {verdict(result['eval/image_gap'])}")
-        if named[2]:
-            result["eval/head_accuracy"] = (named[0] / named[2]).item()
-            result["eval/head_previous_accuracy"] = (named[1] / named[2]).item()
+        if named[-1]:
+            shares = (named[:-1] / named[-1]).tolist()
+            result.update({f"eval/{name}": share for name, share in zip(HEAD_ACCURACIES, shares)})
         if self.recent_reading[1]:
             # The head as trained: under the norm's batch statistics. Evaluation's tracked statistics would measure
             # how far those lag behind towers that move fast, not whether the towers tell characters apart.
@@ -411,7 +411,7 @@ class Trainer:
             self.recent_reading = [0.0, 0]
             dist.print0(f"step {self.step:05d} | "
                         f"{towers_verdict(result['eval/reading_character_loss'], result['eval/reading_classes'])}"
-                        + ("; " + head_verdict(result["eval/head_accuracy"], result["eval/head_previous_accuracy"])
+                        + ("; " + head_verdict(*(result[f"eval/{name}"] for name in HEAD_ACCURACIES))
                            if "eval/head_accuracy" in result else ""))
         predictions = []
         if self.cfg.val_read:

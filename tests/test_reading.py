@@ -113,18 +113,22 @@ def test_with_two_back_the_head_also_reads_the_character_before_the_previous_one
 
 def test_the_head_counts_the_placed_characters_each_readout_names_on_their_tokens():
     head = ReadingHead(width=CLASSES)
-    with torch.no_grad():        # both readouts' logits are the tokens themselves
+    with torch.no_grad():        # both character readouts' logits are the tokens themselves
         for readout in (head.proj, head.previous):
             readout.weight.copy_(torch.eye(CLASSES))
             readout.bias.zero_()
+        head.gap.weight.zero_()   # and the gap readout says "nothing before" everywhere
+        head.gap.bias.zero_()
+        head.gap.bias[BACKGROUND] = 1.0
     tokens = torch.zeros(2, 3, CLASSES)
     tokens[0, 0, ord("a")] = tokens[0, 2, ord("c")] = tokens[1, 1, ord("d")] = 1.0   # names a, c, d at those tokens
     # page 0 "a b": a named at token 0, b (token 2) read as c; page 1 "d" has no positions, so it is not counted.
-    # What comes before: a is the page's first (BACKGROUND, which token 0 does not name), before b comes a (not c).
+    # What comes before: a is the page's first (BACKGROUND, which token 0 does not name), before b comes a (not c);
+    # nothing comes between the page's start and a, a space between a and b.
     reading = places([("a b", [0, 2]), ("d", None)])
-    assert head.named(tokens, reading).tolist() == [1, 0, 2]
+    assert head.named(tokens, reading).tolist() == [1, 0, 1, 2]
     tokens[0, 2, ord("c")], tokens[0, 2, ord("a")] = 0.0, 1.0      # token 2 now names a: right before b, wrong as b
-    assert head.named(tokens, reading).tolist() == [1, 1, 2]
+    assert head.named(tokens, reading).tolist() == [1, 1, 1, 2]
 
 
 def test_a_rendered_page_knows_which_token_each_character_is_under():

@@ -199,14 +199,15 @@ class ReadingHead(nn.Module):
         return self.code(torch.cat(list(self(tokens).softmax(-1)), -1).to(self.code.weight.dtype))
 
     def named(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
-        """(own, previous, placed): of the bytes of a batch's pages (`reading`) whose token is known (`cells` >= 0,
-        as `losses` takes them), how many each readout of that token names (the byte, and the one before it). Set
-        against the CER of what the GPT writes, they say which side lags."""
+        """(own, previous, gap, placed): of the bytes of a batch's pages (`reading`) whose token is known (`cells`
+        >= 0, as `losses` takes them), how many each readout of that token names (the byte, the one before it, the
+        gap before it). Set against the CER of what the GPT writes, they say which side lags."""
         targets, lengths, cells = reading.targets, reading.lengths, reading.cells
         page, known = pages_of(lengths), cells >= 0
-        named = [logits[page[known], cells[known]].argmax(-1) == wanted[known]
-                 for logits, wanted in zip(self(tokens)[:2], (targets, before(targets, lengths)))]
-        return torch.stack([named[0].sum(), named[1].sum(), known.sum()])
+        readouts = self(tokens)
+        named = [(logits[page[known], cells[known]].argmax(-1) == wanted[known]).sum() for logits, wanted in
+                 ((readouts[0], targets), (readouts[1], before(targets, lengths)), (readouts[-1], reading.gaps))]
+        return torch.stack(named + [known.sum()])
 
     def losses(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
         """(readouts,): each of `readouts`' `byte_loss` over a batch's pages (`reading`). Training takes their mean;
