@@ -57,7 +57,8 @@ demo: setup
 # READ_SET=page (1-4 lines of 4-16 characters with spaces, 16-28 px, three fonts) first trains that line model
 # (runs/read/line), then goes on from its weights on such pages for READ_PAGE_STEPS: the towers' code forms on the
 # larger glyphs, and the page stage starts from it (at its step 500 the CER a run from scratch has at step 2,000).
-# Measured: held-out CER 0.18 after 76 minutes of training, 85 wall (README #two-on-a-token).
+# Measured: held-out CER 0.18 after 76 minutes of training, 85 wall (bf16, README #two-on-a-token); with the gap
+# readout again 0.18, after 74 minutes of the page stage in fp32 on a host without bf16 (README #gaps).
 READ_SET        ?= line
 READ_TRAIN_SET  ?= $(if $(filter line page,$(READ_SET)),dense,$(READ_SET))
 READ_PAGES      ?= 26000
