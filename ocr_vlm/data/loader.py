@@ -28,6 +28,9 @@ from ocr_vlm.model.reading import Reading, places
 from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import Tokenizer
 
+# A batch's keys for its `Reading`'s fields, in order.
+READING_KEYS = ("reading_targets", "reading_gaps", "reading_lengths", "reading_cells", "pointer")
+
 log = logging.getLogger(__name__)
 STREAMS = ("vision", "text")
 FRESH = {"mixed": 0, "vision": (0, 0), "text": (0, 0)}     # a worker's stream state before its first sample
@@ -140,11 +143,9 @@ class PackedBatches(IterableDataset):
                 counters["vision_samples" if ex.views is not None else "text_samples"] += 1
                 at += n
         batch["pixel_values"], batch["tile_values"], batch["tile_grids"] = stack_views(images, self.vlm)
-        reading = places(pages)
-        batch["reading_targets"], batch["reading_gaps"] = reading.targets, reading.gaps
-        batch["reading_lengths"], batch["reading_cells"] = reading.lengths, reading.cells
         # the pointer's pairs: (row, position, vision position, page), in row order
-        batch["pointer"] = torch.tensor(pointer, dtype=torch.long).view(-1, 4)
+        reading = places(pages)._replace(pointer=torch.tensor(pointer, dtype=torch.long).view(-1, 4))
+        batch.update(zip(READING_KEYS, reading))
         counters["samples"] = counters["vision_samples"] + counters["text_samples"]
         counters["tiles"] = len(batch["tile_values"])
         counters["tokens"] = int((batch["doc_ids"] >= 0).sum())
@@ -158,8 +159,7 @@ class PackedBatches(IterableDataset):
 def batch_reading(batch: dict, device: torch.device) -> Reading:
     """What a collated batch says about its pages' characters (its reading_* tensors and the pointer's pairs), on
     `device`."""
-    return Reading(*(batch[k].to(device) for k in ("reading_targets", "reading_gaps", "reading_lengths",
-                                                     "reading_cells", "pointer")))
+    return Reading(*(batch[k].to(device) for k in READING_KEYS))
 
 
 def view_count(ex: Example) -> int:
