@@ -29,7 +29,8 @@ from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import Tokenizer
 
 # A batch's keys for its `Reading`'s fields, in order.
-READING_KEYS = ("reading_targets", "reading_gaps", "reading_lengths", "reading_cells", "pointer")
+READING_KEYS = ("reading_targets", "reading_gaps", "reading_lengths", "reading_cells", "reading_predecessors",
+                "pointer")
 
 log = logging.getLogger(__name__)
 STREAMS = ("vision", "text")

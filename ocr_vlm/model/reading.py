@@ -73,6 +73,7 @@ Classes are byte values of the UTF-8 text, whitespace removed (it has no ink).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -94,6 +95,7 @@ class Reading(NamedTuple):
     gaps: torch.Tensor                     # each target's `reading_gaps`
     lengths: torch.Tensor                  # how many of them each page has
     cells: torch.Tensor | None = None      # each target's `reading_cells`
+    predecessors: torch.Tensor | None = None   # each target's `reading_predecessors`
     pointer: torch.Tensor | None = None    # (P, 4): (row, position, vision position, page): the pointer's pairs
 
 
@@ -132,15 +134,35 @@ def reading_cells(text: str, cells: list[int] | None) -> list[int]:
     return [-1 if cell == after else cell for cell, after in zip(under, under[1:] + [-1])]
 
 
+def reading_predecessors(text: str, cells: list[int] | None) -> list[int]:
+    """The token that `Predecessor` is trained to look at from each of `reading_targets(text)`'s bytes whose
+    `reading_cells` entry is a token: the token of the closest character before it on another token, in reading
+    order (the last one of the line above for a line's first), or the token itself for the page's first; -1 where
+    `reading_cells` has -1."""
+    chars = inked(text)
+    if cells is None:
+        return [-1] * len(chars.encode("utf-8"))
+    under = [cell for char, cell in zip(chars, cells) for _ in char.encode("utf-8")]
+    found, prior = [], None    # `prior`: the token of the closest byte on another token than the current one's
+    for i, cell in enumerate(under):
+        if i and under[i - 1] != cell:
+            prior = under[i - 1]
+        last = i + 1 == len(under) or under[i + 1] != cell
+        found.append((cell if prior is None else prior) if last else -1)
+    return found
+
+
 def places(pages: list[tuple[str, list[int] | None]]) -> Reading:
     """Pages as (response, cells) -> the reading head's targets of all of them concatenated, what separates each
-    from the one before, how many each page has and the token under each (a `Reading` without the pointer)."""
+    from the one before, how many each page has, the token under each and the one before it in reading order (a
+    `Reading` without the pointer)."""
     def concatenated(per_page) -> torch.Tensor:
         return torch.tensor([v for page in per_page for v in page], dtype=torch.long)
     targets = [reading_targets(text) for text, _ in pages]
     return Reading(concatenated(targets), concatenated(reading_gaps(text) for text, _ in pages),
                    torch.tensor([len(page) for page in targets], dtype=torch.long),
-                   concatenated(reading_cells(text, cells) for text, cells in pages))
+                   concatenated(reading_cells(text, cells) for text, cells in pages),
+                   concatenated(reading_predecessors(text, cells) for text, cells in pages))
 
 
 class VisionNorm(nn.Module):
@@ -168,20 +190,51 @@ class VisionNorm(nn.Module):
         return ((x - self.running_mean.float()) * torch.rsqrt(self.running_var.float() + self.eps)).to(tokens.dtype)
 
 
+class Predecessor(nn.Module):
+    """Attention from every vision token to the token of the character before its own in reading order (`forward`:
+    the log-attention), trained on where that character is (`reading_predecessors`), as the pointer trains the GPT's
+    lookups. Within a line that is the next token to the left, but a line's first character follows the last one of
+    the line above, anywhere across the page, and readouts of the token alone never learned to name it (after 2,900
+    + 5,500 steps of `make read READ_SET=page`, the head named the character before 2% of the lines' first ones, 87%
+    of the others). Its queries and keys see each token's content and its row and column, which is what "the last
+    character of the line above" is made of."""
+
+    def __init__(self, width: int, dim: int = 64, side: int = 64):
+        super().__init__()
+        self.query, self.key = nn.Linear(width, dim), nn.Linear(width, dim, bias=False)
+        # (query, key) x place: a token's place is its row's embedding plus its column's, for grids up to `side`
+        self.rows = nn.Parameter(torch.randn(2, side, dim) / math.sqrt(dim))
+        self.cols = nn.Parameter(torch.randn(2, side, dim) / math.sqrt(dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, T, D) tokens of square grids, row-major -> (N, T, T) log-attention of each token over the grid, fp32."""
+        side = math.isqrt(tokens.shape[1])
+        if side * side != tokens.shape[1] or side > self.rows.shape[1]:
+            raise ValueError(f"Predecessor: {tokens.shape[1]} tokens are not a square grid of at most "
+                             f"{self.rows.shape[1]}x{self.rows.shape[1]}")
+        place = (self.rows[:, :side, None] + self.cols[:, None, :side]).flatten(1, 2).to(tokens.dtype)
+        x = norm(tokens)   # the projected tokens' scale is the towers' business; the attention's is set here
+        q, k = self.query(x) + place[0], self.key(x) + place[1]
+        return (q @ k.transpose(1, 2)).float().div(math.sqrt(q.shape[-1])).log_softmax(-1)
+
+
 class ReadingHead(nn.Module):
     """Linear readouts of every vision token: the character under it (`proj`), the one before that in reading order
     (`previous`: the page's preceding non-whitespace character, BACKGROUND for its first), with `back=2` the one
     before that (`two_back`: keys that tell the two tokens following a `t` apart, for a query that knows the last
     two characters, the GPT's smear), and what separates its character from the previous one (`gap`: nothing, a
-    space or a line break, `reading_gaps`). With `code`, also an embedding of what they name, which the GPT reads
-    (`embed`)."""
+    space or a line break, `reading_gaps`). All but the first read the token together with the one its
+    `predecessor` attends to, and the one that one attends to. With `code`, also an embedding of what they name,
+    which the GPT reads (`embed`)."""
 
     def __init__(self, width: int, code: bool = False, back: int = 1):
         super().__init__()
         self.proj = nn.Linear(width, CLASSES)
-        self.previous = nn.Linear(width, CLASSES)
-        self.two_back = nn.Linear(width, CLASSES) if back == 2 else None
-        self.gap = nn.Linear(width, CLASSES)
+        self.predecessor = Predecessor(width)
+        context = 3 * width   # the token, its predecessor and that one's
+        self.previous = nn.Linear(context, CLASSES)
+        self.two_back = nn.Linear(context, CLASSES) if back == 2 else None
+        self.gap = nn.Linear(context, CLASSES)
         self.code = nn.Linear((2 + back) * CLASSES, width, bias=False) if code else None
         if code:   # unit scale per channel, as the vision norm's tokens it joins
             nn.init.normal_(self.code.weight)
@@ -190,9 +243,19 @@ class ReadingHead(nn.Module):
         """The character under each token, the previous one (and the one before), and the gap before it."""
         return [self.proj, self.previous] + ([self.two_back] if self.two_back is not None else []) + [self.gap]
 
+    def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, tokens, D) -> ((readouts, N, tokens, CLASSES) every token's logits from each of `readouts`, in fp32;
+        the `predecessor`'s log-attention)."""
+        log_attention = self.predecessor(tokens)
+        attention = log_attention.exp().to(tokens.dtype)
+        one_back = attention @ tokens
+        context = torch.cat([tokens, one_back, attention @ one_back], -1)
+        readouts = [self.proj(tokens)] + [readout(context) for readout in self.readouts()[1:]]
+        return torch.stack(readouts).float(), log_attention
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, tokens, D) -> (readouts, N, tokens, CLASSES): every token's logits from each of `readouts`, in fp32."""
-        return torch.stack([readout(tokens) for readout in self.readouts()]).float()
+        return self.read(tokens)[0]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, tokens, D) -> (N, tokens, D): the embedding of the readouts' distributions."""
@@ -210,15 +273,15 @@ class ReadingHead(nn.Module):
         return torch.stack(named + [known.sum()])
 
     def losses(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
-        """(readouts,): each of `readouts`' `byte_loss` over a batch's pages (`reading`). Training takes their mean;
-        the first alone (the character under each token) says whether the towers tell characters apart
-        (diagnostics.towers_verdict)."""
-        readouts, wanted = self(tokens), [reading.targets]
+        """(readouts + 1,): each of `readouts`' `byte_loss` over a batch's pages (`reading`), then the
+        `predecessor`'s (`predecessor_loss`). Training takes their mean; the first alone (the character under each
+        token) says whether the towers tell characters apart (diagnostics.towers_verdict)."""
+        (readouts, log_attention), wanted = self.read(tokens), [reading.targets]
         while len(wanted) < len(readouts) - 1:
             wanted.append(before(wanted[-1], reading.lengths))
         wanted.append(reading.gaps)
         return torch.stack([byte_loss(logits, w, reading.lengths, reading.cells)
-                            for logits, w in zip(readouts, wanted)])
+                            for logits, w in zip(readouts, wanted)] + [predecessor_loss(log_attention, reading)])
 
 
 def before(targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -257,6 +320,21 @@ def byte_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor
     token_loss = -(grid / grid.sum(-1, keepdim=True) * logits.log_softmax(-1)).sum(-1)
     per_token = sum((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1) for mask in (ink, ~ink))
     return torch.where(placed, per_token, losses).mean()
+
+
+def predecessor_loss(log_attention: torch.Tensor, reading: Reading) -> torch.Tensor:
+    """Minus the log of the attention `Predecessor` pays from each placed byte's token to its
+    `reading_predecessors` token, averaged over each page's, then over the pages that have any (0 when none does)."""
+    known = reading.predecessors >= 0
+    if not known.any():
+        return log_attention.sum() * 0.0
+    pages = pages_of(reading.lengths)[known]
+    per_byte = -log_attention[pages, reading.cells[known], reading.predecessors[known]]
+    n = len(reading.lengths)
+    counts = torch.zeros(n, device=pages.device).index_add_(0, pages, torch.ones_like(per_byte))
+    per_page = torch.zeros(n, device=pages.device).index_add_(0, pages, per_byte)
+    has = counts > 0
+    return (per_page[has] / counts[has]).mean()
 
 
 def pointer_loss(gpt: GPT, attended: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor, pairs: torch.Tensor,
