@@ -67,7 +67,7 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
     model.eval()
     rejected, totals, rows, started = Counter(), Totals(), [], time.perf_counter()
     share = VisionShare(model.cfg.vision_grid ** 2, model.cfg.gpt.n_embd)
-    named = torch.zeros(4, dtype=torch.long)   # the reading head's `named`: own, previous, gap, placed
+    named = torch.zeros(len(HEAD_ACCURACIES) + 1, dtype=torch.long)   # the reading head's `named`, then placed
     expected = min(ShardSet.from_spec(shards).total, limit if limit is not None else math.inf)
     bar = tqdm(total=expected, desc="reading", unit="page", disable=not progress or None)
     examples, previous = iter_examples(shards, tokenizer, model.cfg, limit, rejected), None

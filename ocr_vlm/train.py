@@ -366,7 +366,8 @@ class Trainer:
         # own and other image loss x tokens, tokens; which bytes the pages hold (the reading head's classes)
         total, classes, last = torch.zeros(3, dtype=torch.float64), torch.zeros(CLASSES, dtype=torch.float64), None
         share = VisionShare(self.cfg.model.vision_grid ** 2, self.cfg.model.gpt.n_embd)
-        module, named = self.model_engine.module, torch.zeros(4, dtype=torch.float64)   # the head's `named`
+        module = self.model_engine.module
+        named = torch.zeros(len(HEAD_ACCURACIES) + 1, dtype=torch.float64)   # the head's `named`
         while True:
             batch = next(batches, None)
             # ZeRO-3 gathers parameters collectively: ranks whose share ran out repeat a batch with zero weight.

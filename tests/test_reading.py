@@ -15,8 +15,9 @@ from ocr_vlm.data.render import READING_SETS, page_record, reading_page
 from ocr_vlm.data.sample import decode
 from ocr_vlm.diagnostics import BLIND_GAP, VisionShare, mismatched, verdict
 from ocr_vlm.model.gpt import GPT, IGNORE_INDEX, norm
-from ocr_vlm.model.reading import (BACKGROUND, CLASSES, NEWLINE, SPACE, ReadingHead, VisionNorm, byte_loss,
-                                   places, pointer_loss, reading_cells, reading_gaps, reading_targets)
+from ocr_vlm.model.reading import (BACKGROUND, CLASSES, NEWLINE, SPACE, Predecessor, ReadingHead, VisionNorm,
+                                   byte_loss, places, pointer_loss, predecessor_loss, reading_cells, reading_gaps,
+                                   reading_predecessors, reading_targets)
 from ocr_vlm.model.vlm import build_model
 from ocr_vlm.rejected import Rejected
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
@@ -60,13 +61,38 @@ def test_reading_cells_train_each_token_on_the_last_byte_under_it():
 def test_a_token_holding_two_characters_is_trained_on_the_last_and_its_previous_readout_on_the_first():
     torch.manual_seed(0)
     head = ReadingHead(width=4)
-    tokens = torch.randn(1, 2, 4)
-    cells = torch.tensor(reading_cells("ab", [1, 1]))          # both on token 1; token 0 is background
-    own, previous, gap = head(tokens).log_softmax(-1)
-    expected = -torch.stack([own[0, 1, ord("b")] + own[0, 0, BACKGROUND],
-                             previous[0, 1, ord("a")] + previous[0, 0, BACKGROUND],
-                             gap[0, 1, BACKGROUND] + gap[0, 0, BACKGROUND]])
+    tokens = torch.randn(1, 4, 4)                               # a 2x2 grid
+    (own, previous, gap), log_attention = (x.log_softmax(-1) for x in head.read(tokens))
+    empty = [0, 2, 3]                                           # both on token 1; the rest is background
+    expected = -torch.stack([own[0, 1, ord("b")] + own[0, empty, BACKGROUND].mean(),
+                             previous[0, 1, ord("a")] + previous[0, empty, BACKGROUND].mean(),
+                             gap[0, 1, BACKGROUND] + gap[0, empty, BACKGROUND].mean(),
+                             log_attention[0, 1, 1]])           # the page's first token: its own predecessor
     assert torch.allclose(head.losses(tokens, places([("ab", [1, 1])])), expected, atol=1e-6)
+
+
+def test_each_placed_byte_has_the_token_of_the_character_before_it_on_another_token():
+    assert reading_predecessors("ab\ncd", [0, 1, 8, 9]) == [0, 0, 1, 8]     # a line's first: the line above's last
+    assert reading_predecessors("ab cd", [4, 4, 4, 5]) == [-1, -1, 4, 4]    # a, b, c share token 4, the page's first
+    assert reading_predecessors("a\u00e9b", [3, 5, 6]) == [3, -1, 3, 5]    # é's first byte is not its token's last
+    assert reading_predecessors("ab", None) == [-1, -1]
+
+
+def test_the_predecessor_attention_learns_where_the_character_before_is_from_the_tokens_places():
+    torch.manual_seed(0)
+    attend = Predecessor(width=8)
+    optimizer = torch.optim.Adam(attend.parameters(), lr=3e-2)
+    cells = torch.arange(1, 16).view(3, 5)[:, 1:].flatten()     # a 4x4 grid: every token but a row's first ...
+    for _ in range(200):                                        # ... looks at the one to its left
+        log_attention = attend(torch.randn(8, 16, 8))
+        loss = -log_attention[:, cells, cells - 1].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    found = attend(torch.randn(8, 16, 8))[:, cells].argmax(-1) == cells - 1
+    assert found.float().mean() > 0.95, found.float().mean()
+    with pytest.raises(ValueError, match="not a square grid"):
+        attend(torch.randn(1, 15, 8))
 
 
 def test_with_positions_each_token_is_trained_on_the_character_centred_on_it():
@@ -86,27 +112,32 @@ def test_with_positions_each_token_is_trained_on_the_character_centred_on_it():
 def test_the_reading_head_also_reads_the_character_and_the_gap_before_each_token():
     torch.manual_seed(0)
     head = ReadingHead(width=4)
-    tokens = torch.randn(2, 3, 4)
+    tokens = torch.randn(2, 4, 4)
     reading = places([("a b", [0, 2]), ("c", [1])])
     targets, lengths, cells = reading.targets, reading.lengths, reading.cells
     before = torch.tensor([BACKGROUND, ord("a"), BACKGROUND])         # each page's first character has none
     gaps = torch.tensor([BACKGROUND, SPACE, BACKGROUND])
-    expected = torch.stack([byte_loss(readout(tokens), wanted, lengths, cells)
-                            for readout, wanted in ((head.proj, targets), (head.previous, before), (head.gap, gaps))])
+    (own, previous, gap), log_attention = head.read(tokens)
+    # where the character before is: page 0's a (token 0) is its first, b follows it; page 1's c is its first
+    pointed = -torch.stack([(log_attention[0, 0, 0] + log_attention[0, 2, 0]) / 2, log_attention[1, 1, 1]]).mean()
+    expected = torch.stack([byte_loss(logits, wanted, lengths, cells)
+                            for logits, wanted in ((own, targets), (previous, before), (gap, gaps))] + [pointed])
     assert torch.allclose(head.losses(tokens, reading), expected, atol=1e-6)
 
 
 def test_with_two_back_the_head_also_reads_the_character_before_the_previous_one():
     torch.manual_seed(0)
     head = ReadingHead(width=4, code=True, back=2)
-    tokens = torch.randn(2, 3, 4)
+    tokens = torch.randn(2, 4, 4)
     reading = places([("a b\nc", [0, 1, 2]), ("d", [1])])
     targets, lengths, cells = reading.targets, reading.lengths, reading.cells
     previous = torch.tensor([BACKGROUND, ord("a"), ord("b"), BACKGROUND])
     two_back = torch.tensor([BACKGROUND, BACKGROUND, ord("a"), BACKGROUND])   # a page's first two have none
     gaps = torch.tensor([BACKGROUND, SPACE, NEWLINE, BACKGROUND])
     wanted = (targets, previous, two_back, gaps)
-    expected = torch.stack([byte_loss(readout(tokens), w, lengths, cells) for readout, w in zip(head.readouts(), wanted)])
+    logits, log_attention = head.read(tokens)
+    expected = torch.stack([byte_loss(each, w, lengths, cells) for each, w in zip(logits, wanted)] +
+                           [predecessor_loss(log_attention, reading)])
     assert torch.allclose(head.losses(tokens, reading), expected, atol=1e-6)
     assert head.embed(tokens).shape == tokens.shape and head.code.in_features == 4 * CLASSES
 
@@ -115,20 +146,24 @@ def test_the_head_counts_the_placed_characters_each_readout_names_on_their_token
     head = ReadingHead(width=CLASSES)
     with torch.no_grad():        # both character readouts' logits are the tokens themselves
         for readout in (head.proj, head.previous):
-            readout.weight.copy_(torch.eye(CLASSES))
+            readout.weight.zero_()
+            readout.weight[:, :CLASSES] = torch.eye(CLASSES)   # the previous readout: of the token, not its context
             readout.bias.zero_()
         head.gap.weight.zero_()   # and the gap readout says "nothing before" everywhere
         head.gap.bias.zero_()
         head.gap.bias[BACKGROUND] = 1.0
-    tokens = torch.zeros(2, 3, CLASSES)
+        for p in head.predecessor.parameters():   # the predecessor attends alike everywhere: most to the first token
+            p.zero_()
+    tokens = torch.zeros(2, 4, CLASSES)
     tokens[0, 0, ord("a")] = tokens[0, 2, ord("c")] = tokens[1, 1, ord("d")] = 1.0   # names a, c, d at those tokens
     # page 0 "a b": a named at token 0, b (token 2) read as c; page 1 "d" has no positions, so it is not counted.
     # What comes before: a is the page's first (BACKGROUND, which token 0 does not name), before b comes a (not c);
-    # nothing comes between the page's start and a, a space between a and b.
+    # nothing comes between the page's start and a, a space between a and b. The token before both is token 0 (a's
+    # own, as the page's first).
     reading = places([("a b", [0, 2]), ("d", None)])
-    assert head.named(tokens, reading).tolist() == [1, 0, 1, 2]
+    assert head.named(tokens, reading).tolist() == [1, 0, 1, 2, 2]
     tokens[0, 2, ord("c")], tokens[0, 2, ord("a")] = 0.0, 1.0      # token 2 now names a: right before b, wrong as b
-    assert head.named(tokens, reading).tolist() == [1, 1, 1, 2]
+    assert head.named(tokens, reading).tolist() == [1, 1, 1, 2, 2]
 
 
 def test_a_rendered_page_knows_which_token_each_character_is_under():
@@ -189,7 +224,7 @@ def test_reading_loss_trains_the_towers_and_not_the_gpt():
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[0, -2] = 7
     lm, reading, _ = model(ids, targets=targets, pixel_values=torch.randn(2, 3, CFG.image_size, CFG.image_size),
-                        reading=places([("Ab3", None), ("xy", None)]))
+                        reading=places([("Ab3", [0, 5, 9]), ("xy", None)]))   # the predecessor's needs places
     assert torch.isfinite(reading).all() and (reading > 0).all()
     reading.sum().backward()
     for name in ("sam_model", "vision_model", "projector", "reading_head"):

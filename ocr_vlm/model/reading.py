@@ -262,14 +262,16 @@ class ReadingHead(nn.Module):
         return self.code(torch.cat(list(self(tokens).softmax(-1)), -1).to(self.code.weight.dtype))
 
     def named(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
-        """(own, previous, gap, placed): of the bytes of a batch's pages (`reading`) whose token is known (`cells`
-        >= 0, as `losses` takes them), how many each readout of that token names (the byte, the one before it, the
-        gap before it). Set against the CER of what the GPT writes, they say which side lags."""
+        """(own, previous, gap, predecessor, placed): of the bytes of a batch's pages (`reading`) whose token is known
+        (`cells` >= 0, as `losses` takes them), how many each readout of that token names (the byte, the one before
+        it, the gap before it) and how often the `predecessor` attends most to the token before. Set against the
+        CER of what the GPT writes, they say which side lags."""
         targets, lengths, cells = reading.targets, reading.lengths, reading.cells
         page, known = pages_of(lengths), cells >= 0
-        readouts = self(tokens)
+        readouts, log_attention = self.read(tokens)
         named = [(logits[page[known], cells[known]].argmax(-1) == wanted[known]).sum() for logits, wanted in
-                 ((readouts[0], targets), (readouts[1], before(targets, lengths)), (readouts[-1], reading.gaps))]
+                 ((readouts[0], targets), (readouts[1], before(targets, lengths)), (readouts[-1], reading.gaps),
+                  (log_attention, reading.predecessors))]
         return torch.stack(named + [known.sum()])
 
     def losses(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
