@@ -58,7 +58,7 @@ def ink_accuracy(model, held_out: tuple[torch.Tensor, Reading]) -> float:
     pixels, reading = held_out
     model.eval()
     with torch.no_grad():
-        named, _, _, placed = model.reading_head.named(model.projected_tokens(pixels), reading).tolist()
+        named, _, _, placed = model.reading_head.named(model.reading_head.read(model.projected_tokens(pixels)), reading).tolist()
     model.train()
     return named / placed
 
@@ -87,7 +87,7 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         pixels, reading = pages(cfg, train, args.pages, args.train_set)
         start = time.perf_counter()
-        loss = model.reading_head.losses(model.projected_tokens(pixels), reading).mean()
+        loss = model.reading_head.losses(model.reading_head.read(model.projected_tokens(pixels)), reading).mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

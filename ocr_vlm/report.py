@@ -77,7 +77,7 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
         projected = model.projected_tokens(pixels)
         share.add(model.read_tokens(projected))
         if model.reading_head is not None:
-            named += model.reading_head.named(projected, places([(e.response, e.cells) for e in batch]))
+            named += model.reading_head.named(model.reading_head.read(projected), places([(e.response, e.cells) for e in batch]))
         # another page's image for each page (the next one; the last takes the previous batch's first)
         others = mismatched(pixels, previous) if previous is not None or len(batch) > 1 else None
         for i, (e, out) in enumerate(zip(batch, outputs)):

@@ -387,7 +387,7 @@ class Trainer:
                 tokens = module.read_tokens(projected)
                 if module.reading_head is not None:
                     reading = batch_reading(batch, self.device)
-                    named += module.reading_head.named(projected, reading).cpu().double() * weight
+                    named += module.reading_head.named(module.reading_head.read(projected), reading).cpu().double() * weight
                 if weight:
                     share.add(tokens)
             last = batch

@@ -68,7 +68,7 @@ def test_a_token_holding_two_characters_is_trained_on_the_last_and_its_previous_
                              previous[0, 1, ord("a")] + previous[0, empty, BACKGROUND].mean(),
                              gap[0, 1, BACKGROUND] + gap[0, empty, BACKGROUND].mean(),
                              log_attention[0, 1, 1]])           # the page's first token: its own predecessor
-    assert torch.allclose(head.losses(tokens, places([("ab", [1, 1])])), expected, atol=1e-6)
+    assert torch.allclose(head.losses(head.read(tokens), places([("ab", [1, 1])])), expected, atol=1e-6)
 
 
 def test_each_placed_byte_has_the_token_of_the_character_before_it_on_another_token():
@@ -122,7 +122,7 @@ def test_the_reading_head_also_reads_the_character_and_the_gap_before_each_token
     pointed = -torch.stack([(log_attention[0, 0, 0] + log_attention[0, 2, 0]) / 2, log_attention[1, 1, 1]]).mean()
     expected = torch.stack([byte_loss(logits, wanted, lengths, cells)
                             for logits, wanted in ((own, targets), (previous, before), (gap, gaps))] + [pointed])
-    assert torch.allclose(head.losses(tokens, reading), expected, atol=1e-6)
+    assert torch.allclose(head.losses(head.read(tokens), reading), expected, atol=1e-6)
 
 
 def test_with_two_back_the_head_also_reads_the_character_before_the_previous_one():
@@ -138,8 +138,8 @@ def test_with_two_back_the_head_also_reads_the_character_before_the_previous_one
     logits, log_attention = head.read(tokens)
     expected = torch.stack([byte_loss(each, w, lengths, cells) for each, w in zip(logits, wanted)] +
                            [predecessor_loss(log_attention, reading)])
-    assert torch.allclose(head.losses(tokens, reading), expected, atol=1e-6)
-    assert head.embed(tokens).shape == tokens.shape and head.code.in_features == 4 * CLASSES
+    assert torch.allclose(head.losses(head.read(tokens), reading), expected, atol=1e-6)
+    assert head.embed(head(tokens)).shape == tokens.shape and head.code.in_features == 4 * CLASSES
 
 
 def test_the_head_counts_the_placed_characters_each_readout_names_on_their_tokens():
@@ -161,9 +161,9 @@ def test_the_head_counts_the_placed_characters_each_readout_names_on_their_token
     # nothing comes between the page's start and a, a space between a and b. The token before both is token 0 (a's
     # own, as the page's first).
     reading = places([("a b", [0, 2]), ("d", None)])
-    assert head.named(tokens, reading).tolist() == [1, 0, 1, 2, 2]
+    assert head.named(head.read(tokens), reading).tolist() == [1, 0, 1, 2, 2]
     tokens[0, 2, ord("c")], tokens[0, 2, ord("a")] = 0.0, 1.0      # token 2 now names a: right before b, wrong as b
-    assert head.named(tokens, reading).tolist() == [1, 1, 1, 2, 2]
+    assert head.named(head.read(tokens), reading).tolist() == [1, 1, 1, 2, 2]
 
 
 def test_a_rendered_page_knows_which_token_each_character_is_under():

@@ -165,6 +165,13 @@ def places(pages: list[tuple[str, list[int] | None]]) -> Reading:
                    concatenated(reading_predecessors(text, cells) for text, cells in pages))
 
 
+class Read(NamedTuple):
+    """What `ReadingHead.read` makes of a grid of tokens, once per forward: the GPT's code, the losses and the
+    counts all come from it."""
+    logits: torch.Tensor          # (readouts, N, tokens, CLASSES): every token's logits from each readout, fp32
+    log_attention: torch.Tensor   # (N, tokens, tokens): the predecessor's
+
+
 class VisionNorm(nn.Module):
     """Affine-free batch norm of (N, positions, D) vision tokens: each position's channels over the batch's pages,
     in fp32. Per position, because most of a page is background: a channel's spread over positions is mostly where
@@ -243,42 +250,41 @@ class ReadingHead(nn.Module):
         """The character under each token, the previous one (and the one before), and the gap before it."""
         return [self.proj, self.previous] + ([self.two_back] if self.two_back is not None else []) + [self.gap]
 
-    def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, tokens, D) -> ((readouts, N, tokens, CLASSES) every token's logits from each of `readouts`, in fp32;
-        the `predecessor`'s log-attention)."""
+    def read(self, tokens: torch.Tensor) -> Read:
+        """(N, tokens, D) -> every token's logits from each of `readouts` and the `predecessor`'s log-attention."""
         log_attention = self.predecessor(tokens)
         attention = log_attention.exp().to(tokens.dtype)
         one_back = attention @ tokens
         context = torch.cat([tokens, one_back, attention @ one_back], -1)
         readouts = [self.proj(tokens)] + [readout(context) for readout in self.readouts()[1:]]
-        return torch.stack(readouts).float(), log_attention
+        return Read(torch.stack(readouts).float(), log_attention)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, tokens, D) -> (readouts, N, tokens, CLASSES): every token's logits from each of `readouts`, in fp32."""
-        return self.read(tokens)[0]
+        return self.read(tokens).logits
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, tokens, D) -> (N, tokens, D): the embedding of the readouts' distributions."""
-        return self.code(torch.cat(list(self(tokens).softmax(-1)), -1).to(self.code.weight.dtype))
+    def embed(self, logits: torch.Tensor) -> torch.Tensor:
+        """(readouts, N, tokens, CLASSES) logits -> (N, tokens, D): the embedding of the readouts' distributions."""
+        return self.code(torch.cat(list(logits.softmax(-1)), -1).to(self.code.weight.dtype))
 
-    def named(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
+    def named(self, read: Read, reading: Reading) -> torch.Tensor:
         """(own, previous, gap, predecessor, placed): of the bytes of a batch's pages (`reading`) whose token is known
-        (`cells` >= 0, as `losses` takes them), how many each readout of that token names (the byte, the one before
-        it, the gap before it) and how often the `predecessor` attends most to the token before. Set against the
-        CER of what the GPT writes, they say which side lags."""
+        (`cells` >= 0, as `losses` takes them), how many each readout of that token names in `read` (the byte, the
+        one before it, the gap before it) and how often the `predecessor` attends most to the token before. Set
+        against the CER of what the GPT writes, they say which side lags."""
         targets, lengths, cells = reading.targets, reading.lengths, reading.cells
         page, known = pages_of(lengths), cells >= 0
-        readouts, log_attention = self.read(tokens)
+        readouts, log_attention = read
         named = [(logits[page[known], cells[known]].argmax(-1) == wanted[known]).sum() for logits, wanted in
                  ((readouts[0], targets), (readouts[1], before(targets, lengths)), (readouts[-1], reading.gaps),
                   (log_attention, reading.predecessors))]
         return torch.stack(named + [known.sum()])
 
-    def losses(self, tokens: torch.Tensor, reading: Reading) -> torch.Tensor:
-        """(readouts + 1,): each of `readouts`' `byte_loss` over a batch's pages (`reading`), then the
+    def losses(self, read: Read, reading: Reading) -> torch.Tensor:
+        """(readouts + 1,): each of `readouts`' `byte_loss` of `read` over a batch's pages (`reading`), then the
         `predecessor`'s (`predecessor_loss`). Training takes their mean; the first alone (the character under each
         token) says whether the towers tell characters apart (diagnostics.towers_verdict)."""
-        (readouts, log_attention), wanted = self.read(tokens), [reading.targets]
+        (readouts, log_attention), wanted = read, [reading.targets]
         while len(wanted) < len(readouts) - 1:
             wanted.append(before(wanted[-1], reading.lengths))
         wanted.append(reading.gaps)

@@ -67,12 +67,15 @@ class VLM(nn.Module):
         then leaves its statistics alone."""
         return self.read_tokens(self.projected_tokens(pixels), real)
 
-    def read_tokens(self, projected: torch.Tensor, real: bool = True) -> torch.Tensor:
+    def read_tokens(self, projected: torch.Tensor, real: bool = True,
+                    logits: torch.Tensor | None = None) -> torch.Tensor:
         """Projected tokens (N, g² or t², D) -> what the GPT reads: after the vision norm, with the reading head's
-        embedded code added when the model has one (`reading_code`)."""
+        embedded code added when the model has one (`reading_code`), from its readouts' `logits` where the caller
+        has them."""
         tokens = self.norm_tokens(projected, real)
         if self.cfg.reading_code:
-            tokens = tokens + self.reading_head.embed(projected).to(tokens.dtype)
+            logits = self.reading_head(projected) if logits is None else logits
+            tokens = tokens + self.reading_head.embed(logits).to(tokens.dtype)
         return tokens
 
     def projected_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -167,7 +170,9 @@ class VLM(nn.Module):
             dtype, device = self.projector.layers.weight.dtype, input_ids.device
             # the reading head reads the tokens before the norm, so its code does not move with the statistics
             projected = self.projected_tokens(pixel_values if images else blank(self.cfg.image_size, dtype, device))
-            vision = self.read_tokens(projected, images)
+            # read once: the code the GPT reads and the head's losses come from the same readouts
+            read = self.reading_head.read(projected) if self.reading_head is not None else None
+            vision = self.read_tokens(projected, images, read.logits if read is not None else None)
             if self.cfg.tile_size:
                 tiles = self.vision_tokens(tile_values if tiled else blank(self.cfg.tile_size, dtype, device), tiled)
         x = self.embed(input_ids, vision if images else None, tiles if tiled else None, tile_grids if tiled else None)
@@ -188,9 +193,9 @@ class VLM(nn.Module):
         if reading is None:
             return loss
         if images:
-            head = self.reading_head.losses(projected, reading)
+            head = self.reading_head.losses(read, reading)
         else:
-            head = 0.0 * self.reading_head(projected).sum((1, 2, 3)) if self.training \
+            head = 0.0 * read.logits.sum((1, 2, 3)) if self.training \
                 else loss.new_zeros(len(self.reading_head.readouts()))
         pointer = pointer_loss(self.gpt, attended, targets, reading.pointer, len(reading.lengths)) if pointing \
             else head.sum() * 0.0
