@@ -58,7 +58,8 @@ def ink_accuracy(model, held_out: tuple[torch.Tensor, Reading]) -> float:
     pixels, reading = held_out
     model.eval()
     with torch.no_grad():
-        named, _, _, placed = model.reading_head.named(model.reading_head.read(model.projected_tokens(pixels)), reading).tolist()
+        read = model.reading_head.read(model.projected_tokens(pixels))
+        named, _, _, placed = model.reading_head.named(read, reading).tolist()
     model.train()
     return named / placed
 

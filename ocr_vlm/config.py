@@ -100,6 +100,7 @@ class VLMConfig:
     reading_pointer: bool = False  # training-only: one GPT head points at the character it writes (model/reading.py)
     reading_code: bool = False    # the GPT reads what the reading head names, embedded, with each vision token (model/reading.py)
     reading_back: int = 1         # characters before each token's own that its reading head names: 1, or 2 (model/reading.py)
+    reading_predecessor: bool = False   # the reading head finds each token's predecessor in reading order (model/reading.py)
     tile_size: int = 0            # Gundam's local tile side (0: fixed mode, global view only)
     min_crops: int = 2            # Gundam tile grids hold min_crops..max_crops tiles (the paper trained up to 9)
     max_crops: int = 6            # Gundam's most tiles per page
@@ -179,6 +180,8 @@ class VLMConfig:
         _check(self.reading_head or not self.reading_pointer, "reading_pointer",
                "trains with the reading head's data: set reading_head=true too")
         _check(self.reading_back in (1, 2), "reading_back", f"{self.reading_back} is not 1 or 2")
+        _check(self.reading_head or not self.reading_predecessor, "reading_predecessor",
+               "is part of the reading head: set reading_head=true too")
         _check(self.reading_head or not self.reading_code, "reading_code",
                "embeds the reading head's readouts: set reading_head=true too")
         _check(g.sequence_len > self.max_image_tokens, "gpt.sequence_len",

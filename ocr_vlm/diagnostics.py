@@ -78,12 +78,11 @@ def towers_verdict(reading_loss: float, classes: int) -> str:
 
 
 # What ReadingHead.named counts, as shares of the characters whose place the pages know (metrics and report keys).
-HEAD_ACCURACIES = ("head_accuracy", "head_previous_accuracy", "head_gap_accuracy", "head_predecessor_accuracy")
-
-
-def head_verdict(own: float, previous: float, gap: float, predecessor: float) -> str:
+def head_verdict(own: float, previous: float, gap: float, predecessor: float | None = None) -> str:
     """What the reading head names of the characters whose place the pages know (each token's last, what it is
-    trained on): set against the CER of what the GPT writes, it tells which side lags."""
+    trained on), and where its predecessor looks, with one (model/reading.py's ACCURACIES): set against the CER of
+    what the GPT writes, it tells which side lags."""
     return (f"the reading head names {own:.0%} of the pages' characters on their tokens (each token's last), "
-            f"{previous:.0%} the character before and {gap:.0%} the gap before (nothing, a space, a line break); "
-            f"its predecessor attention finds the token before {predecessor:.0%} of the time")
+            f"{previous:.0%} the character before and {gap:.0%} the gap before (nothing, a space, a line break)"
+            + (f"; its predecessor attention finds the token before {predecessor:.0%} of them"
+               if predecessor is not None else ""))

@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from ocr_vlm.data.sample import Example, iter_examples
 from ocr_vlm.data.stream import ShardSet
-from ocr_vlm.diagnostics import HEAD_ACCURACIES, VisionShare, head_verdict, mismatched, verdict
+from ocr_vlm.diagnostics import VisionShare, head_verdict, mismatched, verdict
 from ocr_vlm.generation import Generator
 from ocr_vlm.image import add_mode_arguments, apply_mode, stack_views
 from ocr_vlm.metrics import Normalization, Totals, scores
-from ocr_vlm.model.reading import places
+from ocr_vlm.model.reading import ACCURACIES, places
 from ocr_vlm.tokenizer import Tokenizer
 from ocr_vlm.weights import load_export
 
@@ -67,7 +67,8 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
     model.eval()
     rejected, totals, rows, started = Counter(), Totals(), [], time.perf_counter()
     share = VisionShare(model.cfg.vision_grid ** 2, model.cfg.gpt.n_embd)
-    named = torch.zeros(len(HEAD_ACCURACIES) + 1, dtype=torch.long)   # the reading head's `named`, then placed
+    head = model.reading_head
+    named = torch.zeros(len(head.accuracies) + 1 if head is not None else 1, dtype=torch.long)   # the head's `named`
     expected = min(ShardSet.from_spec(shards).total, limit if limit is not None else math.inf)
     bar = tqdm(total=expected, desc="reading", unit="page", disable=not progress or None)
     examples, previous = iter_examples(shards, tokenizer, model.cfg, limit, rejected), None
@@ -75,9 +76,10 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
         outputs = read_back(model, tokenizer, batch, max_new_tokens, batch_size)
         pixels = torch.stack([e.views.global_view for e in batch])
         projected = model.projected_tokens(pixels)
-        share.add(model.read_tokens(projected))
-        if model.reading_head is not None:
-            named += model.reading_head.named(model.reading_head.read(projected), places([(e.response, e.cells) for e in batch]))
+        read = head.read(projected) if head is not None else None
+        share.add(model.read_tokens(projected, logits=read.logits if read is not None else None))
+        if head is not None:
+            named += head.named(read, places([(e.response, e.cells) for e in batch]))
         # another page's image for each page (the next one; the last takes the previous batch's first)
         others = mismatched(pixels, previous) if previous is not None or len(batch) > 1 else None
         for i, (e, out) in enumerate(zip(batch, outputs)):
@@ -101,7 +103,7 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
                "vision_share": share.share(), "skipped": dict(rejected), "seconds": seconds,
                "seconds_per_1000_pages": 1000 * seconds / max(1, len(rows))}
     if named[-1]:
-        summary.update(zip(HEAD_ACCURACIES, (named[:-1] / named[-1]).tolist()))
+        summary.update(zip(head.accuracies, (named[:-1] / named[-1]).tolist()))
     return {"summary": summary, "samples": rows}
 
 
@@ -144,7 +146,7 @@ def _head_clause(summary: dict) -> str:
     say not where their characters are."""
     if "head_accuracy" not in summary:
         return ""
-    return "; " + head_verdict(*(summary[name] for name in HEAD_ACCURACIES))
+    return "; " + head_verdict(*(summary[name] for name in ACCURACIES if name in summary))
 
 
 def curves(metrics_jsonl: Path, out_dir: Path) -> list[str]:

@@ -45,7 +45,7 @@ from ocr_vlm.config import COMPONENTS, ConfigError, TrainConfig
 from ocr_vlm.data.loader import Loader, batch_reading
 from ocr_vlm.data.sample import read_examples
 from ocr_vlm.data.stream import ShardSet
-from ocr_vlm.diagnostics import HEAD_ACCURACIES, VisionShare, head_verdict, mismatched, towers_verdict, verdict
+from ocr_vlm.diagnostics import VisionShare, head_verdict, mismatched, towers_verdict, verdict
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.model.reading import CLASSES
 from ocr_vlm.model.vlm import VLM, build_model, parameter_table
@@ -367,7 +367,8 @@ class Trainer:
         total, classes, last = torch.zeros(3, dtype=torch.float64), torch.zeros(CLASSES, dtype=torch.float64), None
         share = VisionShare(self.cfg.model.vision_grid ** 2, self.cfg.model.gpt.n_embd)
         module = self.model_engine.module
-        named = torch.zeros(len(HEAD_ACCURACIES) + 1, dtype=torch.float64)   # the head's `named`
+        head = module.reading_head
+        named = torch.zeros(len(head.accuracies) + 1 if head is not None else 1, dtype=torch.float64)   # its `named`
         while True:
             batch = next(batches, None)
             # ZeRO-3 gathers parameters collectively: ranks whose share ran out repeat a batch with zero weight.
@@ -384,10 +385,10 @@ class Trainer:
             pixels = batch["pixel_values"].to(self.device)
             if len(pixels):      # weighted or not: ZeRO-3's gathers are collectives every rank takes part in
                 projected = module.projected_tokens(pixels)
-                tokens = module.read_tokens(projected)
-                if module.reading_head is not None:
-                    reading = batch_reading(batch, self.device)
-                    named += module.reading_head.named(module.reading_head.read(projected), reading).cpu().double() * weight
+                read = head.read(projected) if head is not None else None
+                tokens = module.read_tokens(projected, logits=read.logits if read is not None else None)
+                if head is not None:
+                    named += head.named(read, batch_reading(batch, self.device)).cpu().double() * weight
                 if weight:
                     share.add(tokens)
             last = batch
@@ -403,7 +404,7 @@ class Trainer:
                     f"vision tokens {result['eval/vision_share']:.4f} | {verdict(result['eval/image_gap'])}")
         if named[-1]:
             shares = (named[:-1] / named[-1]).tolist()
-            result.update({f"eval/{name}": share for name, share in zip(HEAD_ACCURACIES, shares)})
+            result.update({f"eval/{name}": share for name, share in zip(head.accuracies, shares)})
         if self.recent_reading[1]:
             # The head as trained: under the norm's batch statistics. Evaluation's tracked statistics would measure
             # how far those lag behind towers that move fast, not whether the towers tell characters apart.
@@ -412,7 +413,7 @@ class Trainer:
             self.recent_reading = [0.0, 0]
             dist.print0(f"step {self.step:05d} | "
                         f"{towers_verdict(result['eval/reading_character_loss'], result['eval/reading_classes'])}"
-                        + ("; " + head_verdict(*(result[f"eval/{name}"] for name in HEAD_ACCURACIES))
+                        + ("; " + head_verdict(*(result[f"eval/{name}"] for name in head.accuracies))
                            if "eval/head_accuracy" in result else ""))
         predictions = []
         if self.cfg.val_read:

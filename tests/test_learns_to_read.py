@@ -11,7 +11,7 @@ from rapidfuzz.distance import Levenshtein
 from ocr_vlm import config
 from ocr_vlm.data.render import READING_SETS, write_reading
 from ocr_vlm.data.sample import read_examples
-from ocr_vlm.diagnostics import HEAD_ACCURACIES, NO_CODE
+from ocr_vlm.diagnostics import NO_CODE
 from ocr_vlm.report import evaluate
 from ocr_vlm.tokenizer import MINI_TOKENIZER, Tokenizer
 from ocr_vlm.weights import load_export
@@ -54,5 +54,5 @@ def test_a_model_trained_from_scratch_reads_digits_it_has_never_seen(tmp_path):
     # The report on the export counts what the head names as the last evaluation did, on the same pages.
     model, tokenizer = load_export(tmp_path / "run" / "export")
     summary = evaluate(model, tokenizer, str(tmp_path / "heldout"), max_new_tokens=4)["summary"]
-    for name in HEAD_ACCURACIES:
+    for name in model.reading_head.accuracies:
         assert summary[name] == pytest.approx(final[f"eval/{name}"], abs=0.02)

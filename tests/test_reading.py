@@ -60,7 +60,7 @@ def test_reading_cells_train_each_token_on_the_last_byte_under_it():
 
 def test_a_token_holding_two_characters_is_trained_on_the_last_and_its_previous_readout_on_the_first():
     torch.manual_seed(0)
-    head = ReadingHead(width=4)
+    head = ReadingHead(width=4, predecessor=True)
     tokens = torch.randn(1, 4, 4)                               # a 2x2 grid
     (own, previous, gap), log_attention = (x.log_softmax(-1) for x in head.read(tokens))
     empty = [0, 2, 3]                                           # both on token 1; the rest is background
@@ -111,7 +111,7 @@ def test_with_positions_each_token_is_trained_on_the_character_centred_on_it():
 
 def test_the_reading_head_also_reads_the_character_and_the_gap_before_each_token():
     torch.manual_seed(0)
-    head = ReadingHead(width=4)
+    head = ReadingHead(width=4, predecessor=True)
     tokens = torch.randn(2, 4, 4)
     reading = places([("a b", [0, 2]), ("c", [1])])
     targets, lengths, cells = reading.targets, reading.lengths, reading.cells
@@ -127,7 +127,7 @@ def test_the_reading_head_also_reads_the_character_and_the_gap_before_each_token
 
 def test_with_two_back_the_head_also_reads_the_character_before_the_previous_one():
     torch.manual_seed(0)
-    head = ReadingHead(width=4, code=True, back=2)
+    head = ReadingHead(width=4, code=True, back=2, predecessor=True)
     tokens = torch.randn(2, 4, 4)
     reading = places([("a b\nc", [0, 1, 2]), ("d", [1])])
     targets, lengths, cells = reading.targets, reading.lengths, reading.cells
@@ -142,8 +142,20 @@ def test_with_two_back_the_head_also_reads_the_character_before_the_previous_one
     assert head.embed(head(tokens)).shape == tokens.shape and head.code.in_features == 4 * CLASSES
 
 
+def test_without_a_predecessor_each_readout_reads_its_token_alone():
+    torch.manual_seed(0)
+    head = ReadingHead(width=4, back=2)
+    tokens = torch.randn(2, 4, 4)
+    reading = places([("a b\nc", [0, 1, 2]), ("d", [1])])
+    read = head.read(tokens)
+    assert read.log_attention is None and len(head.accuracies) == 3
+    assert all(readout.in_features == 4 for readout in head.readouts())
+    assert torch.equal(read.logits, torch.stack([readout(tokens) for readout in head.readouts()]))
+    assert len(head.losses(read, reading)) == 4 and len(head.named(read, reading)) == 4
+
+
 def test_the_head_counts_the_placed_characters_each_readout_names_on_their_tokens():
-    head = ReadingHead(width=CLASSES)
+    head = ReadingHead(width=CLASSES, predecessor=True)
     with torch.no_grad():        # both character readouts' logits are the tokens themselves
         for readout in (head.proj, head.previous):
             readout.weight.zero_()
@@ -217,9 +229,10 @@ def test_the_pointers_loss_is_where_its_head_looks_and_what_it_carries_with_ever
     assert pointer_loss(gpt, (log_attention[:0], carried[:0]), targets, pairs[:0], 3) == 0
 
 
-def test_reading_loss_trains_the_towers_and_not_the_gpt():
+@pytest.mark.parametrize("predecessor", [False, True])
+def test_reading_loss_trains_the_towers_and_not_the_gpt(predecessor):
     torch.manual_seed(0)
-    model = build_model(CFG)
+    model = build_model(dataclasses.replace(CFG, reading_predecessor=predecessor))
     ids = torch.tensor([[1] + [CFG.image_token_id] * CFG.image_tokens * 2 + [5, 6]])
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[0, -2] = 7

@@ -85,6 +85,8 @@ from ocr_vlm.model.gpt import GPT, IGNORE_INDEX, norm
 CLASSES = 256
 BACKGROUND = 0       # the class of a token centred on no character
 NEWLINE, SPACE = ord("\n"), ord(" ")   # the `gap` readout's classes besides BACKGROUND
+# what `ReadingHead.named` counts, as shares of the placed bytes (the predecessor's only with one)
+ACCURACIES = ("head_accuracy", "head_previous_accuracy", "head_gap_accuracy", "head_predecessor_accuracy")
 POINTER_LAYER = 0    # the GPT layer whose head POINTER_HEAD the pointer trains: the first (see above)
 POINTER_HEAD = 0
 
@@ -169,7 +171,7 @@ class Read(NamedTuple):
     """What `ReadingHead.read` makes of a grid of tokens, once per forward: the GPT's code, the losses and the
     counts all come from it."""
     logits: torch.Tensor          # (readouts, N, tokens, CLASSES): every token's logits from each readout, fp32
-    log_attention: torch.Tensor   # (N, tokens, tokens): the predecessor's
+    log_attention: torch.Tensor | None   # (N, tokens, tokens): the predecessor's, with one
 
 
 class VisionNorm(nn.Module):
@@ -230,15 +232,15 @@ class ReadingHead(nn.Module):
     (`previous`: the page's preceding non-whitespace character, BACKGROUND for its first), with `back=2` the one
     before that (`two_back`: keys that tell the two tokens following a `t` apart, for a query that knows the last
     two characters, the GPT's smear), and what separates its character from the previous one (`gap`: nothing, a
-    space or a line break, `reading_gaps`). All but the first read the token together with the one its
-    `predecessor` attends to, and the one that one attends to. With `code`, also an embedding of what they name,
-    which the GPT reads (`embed`)."""
+    space or a line break, `reading_gaps`). With a `predecessor`, all but the first read the token together with
+    the one it attends to, and the one that one attends to. With `code`, also an embedding of what they name, which
+    the GPT reads (`embed`)."""
 
-    def __init__(self, width: int, code: bool = False, back: int = 1):
+    def __init__(self, width: int, code: bool = False, back: int = 1, predecessor: bool = False):
         super().__init__()
         self.proj = nn.Linear(width, CLASSES)
-        self.predecessor = Predecessor(width)
-        context = 3 * width   # the token, its predecessor and that one's
+        self.predecessor = Predecessor(width) if predecessor else None
+        context = (3 if predecessor else 1) * width   # the token (its predecessor and that one's)
         self.previous = nn.Linear(context, CLASSES)
         self.two_back = nn.Linear(context, CLASSES) if back == 2 else None
         self.gap = nn.Linear(context, CLASSES)
@@ -250,8 +252,16 @@ class ReadingHead(nn.Module):
         """The character under each token, the previous one (and the one before), and the gap before it."""
         return [self.proj, self.previous] + ([self.two_back] if self.two_back is not None else []) + [self.gap]
 
+    @property
+    def accuracies(self) -> tuple[str, ...]:
+        """The names of the shares `named` counts, in its order."""
+        return ACCURACIES if self.predecessor is not None else ACCURACIES[:3]
+
     def read(self, tokens: torch.Tensor) -> Read:
-        """(N, tokens, D) -> every token's logits from each of `readouts` and the `predecessor`'s log-attention."""
+        """(N, tokens, D) -> every token's logits from each of `readouts` and the `predecessor`'s log-attention (None
+        without one)."""
+        if self.predecessor is None:
+            return Read(torch.stack([readout(tokens) for readout in self.readouts()]).float(), None)
         log_attention = self.predecessor(tokens)
         attention = log_attention.exp().to(tokens.dtype)
         one_back = attention @ tokens
@@ -268,28 +278,32 @@ class ReadingHead(nn.Module):
         return self.code(torch.cat(list(logits.softmax(-1)), -1).to(self.code.weight.dtype))
 
     def named(self, read: Read, reading: Reading) -> torch.Tensor:
-        """(own, previous, gap, predecessor, placed): of the bytes of a batch's pages (`reading`) whose token is known
-        (`cells` >= 0, as `losses` takes them), how many each readout of that token names in `read` (the byte, the
-        one before it, the gap before it) and how often the `predecessor` attends most to the token before. Set
-        against the CER of what the GPT writes, they say which side lags."""
+        """(own, previous, gap, [predecessor,] placed): of the bytes of a batch's pages (`reading`) whose token is
+        known (`cells` >= 0, as `losses` takes them), how many each readout of that token names in `read` (the byte,
+        the one before it, the gap before it), how often the `predecessor` attends most to the token before (with
+        one), and how many there are (`accuracies` names the shares). Set against the CER of what the GPT writes,
+        they say which side lags."""
         targets, lengths, cells = reading.targets, reading.lengths, reading.cells
         page, known = pages_of(lengths), cells >= 0
         readouts, log_attention = read
-        named = [(logits[page[known], cells[known]].argmax(-1) == wanted[known]).sum() for logits, wanted in
-                 ((readouts[0], targets), (readouts[1], before(targets, lengths)), (readouts[-1], reading.gaps),
-                  (log_attention, reading.predecessors))]
+        pairs = [(readouts[0], targets), (readouts[1], before(targets, lengths)), (readouts[-1], reading.gaps)]
+        if log_attention is not None:
+            pairs.append((log_attention, reading.predecessors))
+        named = [(scores[page[known], cells[known]].argmax(-1) == wanted[known]).sum() for scores, wanted in pairs]
         return torch.stack(named + [known.sum()])
 
     def losses(self, read: Read, reading: Reading) -> torch.Tensor:
-        """(readouts + 1,): each of `readouts`' `byte_loss` of `read` over a batch's pages (`reading`), then the
-        `predecessor`'s (`predecessor_loss`). Training takes their mean; the first alone (the character under each
-        token) says whether the towers tell characters apart (diagnostics.towers_verdict)."""
+        """(readouts [+ 1],): each of `readouts`' `byte_loss` of `read` over a batch's pages (`reading`), then, with
+        one, the `predecessor`'s (`predecessor_loss`). Training takes their mean; the first alone (the character
+        under each token) says whether the towers tell characters apart (diagnostics.towers_verdict)."""
         (readouts, log_attention), wanted = read, [reading.targets]
         while len(wanted) < len(readouts) - 1:
             wanted.append(before(wanted[-1], reading.lengths))
         wanted.append(reading.gaps)
-        return torch.stack([byte_loss(logits, w, reading.lengths, reading.cells)
-                            for logits, w in zip(readouts, wanted)] + [predecessor_loss(log_attention, reading)])
+        losses = [byte_loss(logits, w, reading.lengths, reading.cells) for logits, w in zip(readouts, wanted)]
+        if log_attention is not None:
+            losses.append(predecessor_loss(log_attention, reading))
+        return torch.stack(losses)
 
 
 def before(targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

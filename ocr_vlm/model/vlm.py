@@ -59,7 +59,8 @@ class VLM(nn.Module):
         views = {"global": cfg.vision_grid ** 2, **({"tile": cfg.tile_grid_side ** 2} if cfg.tile_size else {})}
         self.vision_norm = nn.ModuleDict({view: VisionNorm(n, width) for view, n in views.items()}) \
             if cfg.vision_norm else None
-        self.reading_head = ReadingHead(width, cfg.reading_code, cfg.reading_back) if cfg.reading_head else None
+        self.reading_head = ReadingHead(width, cfg.reading_code, cfg.reading_back, cfg.reading_predecessor) \
+            if cfg.reading_head else None
 
     def vision_tokens(self, pixels: torch.Tensor, real: bool = True) -> torch.Tensor:
         """(N,3,S,S) uint8 pixels (or already normalised floats) -> (N, g², D): the token grid the GPT reads,
