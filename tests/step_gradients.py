@@ -14,13 +14,14 @@ import torch.distributed as torch_dist
 from deepspeed.utils import safe_get_full_grad
 
 from ocr_vlm import cli, dist, train
-from ocr_vlm.data.loader import Loader
+from ocr_vlm.data.loader import READING_KEYS, Loader
 from ocr_vlm.model.gpt import IGNORE_INDEX
 from ocr_vlm.tokenizer import MINI_TOKENIZER
 
 SUPERVISED = [3, None, None, None]     # row 0 keeps 3 supervised tokens; the others their own (85, 40, 32)
-TENSORS = ("input_ids", "targets", "position_ids", "doc_ids", "pixel_values", "tile_values", "tile_grids", "reading_targets",
-           "reading_gaps", "reading_lengths", "reading_cells")
+# concatenated row after row; the pointer's pairs are renumbered (`stack`)
+TENSORS = ("input_ids", "targets", "position_ids", "doc_ids", "pixel_values", "tile_values", "tile_grids",
+           *(key for key in READING_KEYS if key != "pointer"))
 
 
 def rows(cfg) -> list[dict]:
