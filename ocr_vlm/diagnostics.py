@@ -77,7 +77,6 @@ def towers_verdict(reading_loss: float, classes: int) -> str:
             f"against {uniform:.2f} for a guess")
 
 
-# What ReadingHead.named counts, as shares of the characters whose place the pages know (metrics and report keys).
 def head_verdict(own: float, previous: float, gap: float, predecessor: float | None = None) -> str:
     """What the reading head names of the characters whose place the pages know (each token's last, what it is
     trained on), and where its predecessor looks, with one (model/reading.py's ACCURACIES): set against the CER of

@@ -32,9 +32,11 @@ to read, and the model never starts.
   had to guess spaces and line ends from where the pointed tokens sit. Training only, unless the model has the
   reading code: it travels with the export either way. What comes before a token's character is next to it within
   a line, but a line's first character follows the last of the line above, anywhere across the page, and readouts
-  of the token alone never learned that (2% of the lines' first characters, 87% of the others): the pointer then
-  has no key to find a line's start by. With `reading_predecessor`, the `Predecessor` attention, trained on where
-  the character before each token's is, hands those readouts the token it finds and the one before that.
+  of the token alone never learned that (1% of the lines' first characters after `make read READ_SET=page`, 87% of
+  those within a word): the pointer then has no key to find a line's start by. With `reading_predecessor`, the
+  `Predecessor` attention, trained on where the character before each token's is, hands those readouts the token it
+  finds and the one before that (then 40% of the lines' first characters; the GPT did not read such pages better,
+  README #predecessor, so `make read` goes without it).
 - The reading code (`reading_code`) hands the GPT what the head names. The head finds its code in a direction of
   the tokens that the GPT barely sees: on a line model whose head named 41% of the characters, the character
   explained no more of the normed tokens' variance at its token than chance, and the GPT wrote the right character
@@ -208,9 +210,9 @@ class Predecessor(nn.Module):
     the log-attention), trained on where that character is (`reading_predecessors`), as the pointer trains the GPT's
     lookups. Within a line that is the next token to the left, but a line's first character follows the last one of
     the line above, anywhere across the page, and readouts of the token alone never learned to name it (after 2,900
-    + 5,500 steps of `make read READ_SET=page`, the head named the character before 2% of the lines' first ones, 87%
-    of the others). Its queries and keys see each token's content and its row and column, which is what "the last
-    character of the line above" is made of."""
+    + 5,500 steps of `make read READ_SET=page`, the head named the character before 1% of the lines' first ones, 87%
+    of those within a word). Its queries and keys see each token's content and its row and column, which is what
+    "the last character of the line above" is made of."""
 
     def __init__(self, width: int, dim: int = 64, side: int = 64):
         super().__init__()
