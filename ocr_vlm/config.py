@@ -33,7 +33,7 @@ MODES = (*RESOLUTION_MODES, GUNDAM)
 COMPONENTS = {
     "sam": ("sam_model",),
     "clip": ("vision_model",),
-    "projector": ("projector", "image_newline", "view_separator", "reading_head"),
+    "projector": ("projector", "image_newline", "view_separator", "reading_head", "reading_places"),
     "gpt": ("gpt",),
 }
 TOWERS = ("sam", "clip", "gpt")
@@ -101,6 +101,7 @@ class VLMConfig:
     reading_code: bool = False    # the GPT reads what the reading head names, embedded, with each vision token (model/reading.py)
     reading_back: int = 1         # characters before each token's own that its reading head names: 1, or 2 (model/reading.py)
     reading_predecessor: bool = False   # the reading head finds each token's predecessor in reading order (model/reading.py)
+    reading_place: bool = False   # the GPT is told where on the page the pointer read each answer token (model/reading.py)
     tile_size: int = 0            # Gundam's local tile side (0: fixed mode, global view only)
     min_crops: int = 2            # Gundam tile grids hold min_crops..max_crops tiles (the paper trained up to 9)
     max_crops: int = 6            # Gundam's most tiles per page
@@ -184,6 +185,9 @@ class VLMConfig:
                "is part of the reading head: set reading_head=true too")
         _check(self.reading_head or not self.reading_code, "reading_code",
                "embeds the reading head's readouts: set reading_head=true too")
+        _check(self.reading_pointer or not self.reading_place, "reading_place",
+               "tells the GPT where its pointer read: set reading_pointer=true too")
+        _check(not (self.reading_place and self.tile_size), "reading_place", "takes the global view only, not Gundam")
         _check(g.sequence_len > self.max_image_tokens, "gpt.sequence_len",
                f"{g.sequence_len} leaves no room for text after {self.max_image_tokens} image embeddings")
         return self

@@ -3,7 +3,9 @@ with a KV cache.
 
 Prompts of different lengths share a batch by left padding: padded keys are masked and each row's rotary
 positions start at its first real token, so a row generates exactly what it would alone. Tokens the model must
-never emit (`<|image|>`, the chat markers other than the end token) are masked out of the logits.
+never emit (`<|image|>`, the chat markers other than the end token) are masked out of the logits. A model told
+where its pointer reads (`reading_place`) gets, with each token it generated, the place of the image its pointer
+looked at most when it wrote it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ocr_vlm.model.gpt import KVCache, left_padded_positions
+from ocr_vlm.model.reading import POINTER_HEAD, POINTER_LAYER
 from ocr_vlm.model.vlm import VLM
 from ocr_vlm.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, Tokenizer
 
@@ -43,11 +46,17 @@ class Generator:
         x = model.embed(ids, model.vision_tokens(pixels.to(device)),
                         model.vision_tokens(tiles.to(device)) if tiled else None, grids if tiled else None)
         cache = KVCache(gpt.cfg, len(rows), width + max_new_tokens, device, x.dtype) if use_cache else None
-        h = gpt.hidden(x, positions, key_valid=valid, cache=cache)
+        places = model.reading_places
+        look = (POINTER_LAYER, POINTER_HEAD) if places is not None else None     # never with tiles (config)
+        slots = (ids == model.cfg.image_token_id).nonzero()[:, 1].view(len(rows), -1) if look else None  # place order
+        h = gpt.hidden(x, positions, key_valid=valid, cache=cache, look=look)
         generator = torch.Generator(device=device).manual_seed(seed)
         out = torch.empty(len(rows), 0, dtype=torch.long, device=device)
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
+            if look:
+                h, scores = h
+                told = places.told(scores[:, -1].gather(1, slots).argmax(-1))[:, None]
             token = self._sample(gpt.logits(h[:, -1]), temperature, top_k, generator)
             token = torch.where(done, self.tokenizer.assistant_end_id, token)
             out = torch.cat([out, token[:, None]], dim=1)
@@ -56,12 +65,12 @@ class Generator:
                 break
             valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            new = gpt.embed(token[:, None]) + (told.to(x.dtype) if look else 0)
             if use_cache:
-                h = gpt.hidden(gpt.embed(token[:, None]), positions[:, -1:], key_valid=valid if padded else None,
-                               cache=cache)
+                h = gpt.hidden(new, positions[:, -1:], key_valid=valid if padded else None, cache=cache, look=look)
             else:
-                x = torch.cat([x, gpt.embed(token[:, None])], dim=1)
-                h = gpt.hidden(x, positions, key_valid=valid)
+                x = torch.cat([x, new], dim=1)
+                h = gpt.hidden(x, positions, key_valid=valid, look=look)
         return [self._text(row) for row in out.tolist()]
 
     def _sample(self, logits: torch.Tensor, temperature: float, top_k: int | None,

@@ -50,10 +50,15 @@ def read_back(model, tokenizer: Tokenizer, examples: list[Example], max_new_toke
 
 def example_loss(model, example: Example, pixels: torch.Tensor) -> float:
     """Mean cross-entropy of the example's response given `pixels` (1, 3, S, S) as its global view (Gundam tiles: the
-    example's own, their count is fixed by its placeholders)."""
+    example's own, their count is fixed by its placeholders). A model told where its pointer reads
+    (`reading_place`) is told, as in training, where the page's characters are."""
     _, tiles, grids = stack_views([example.views], model.cfg)
-    return model(torch.tensor([example.inputs]), targets=torch.tensor([example.targets]), pixel_values=pixels,
-                 tile_values=tiles, tile_grids=grids).item()
+    told = model.reading_places is not None and example.pointer
+    reading = places([(example.response, example.cells)])._replace(
+        pointer=torch.tensor([(0, query, key, 0) for query, key in example.pointer])) if told else None
+    loss = model(torch.tensor([example.inputs]), targets=torch.tensor([example.targets]), pixel_values=pixels,
+                 tile_values=tiles, tile_grids=grids, reading=reading)
+    return (loss[0] if told else loss).item()
 
 
 @torch.no_grad()

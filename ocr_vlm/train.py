@@ -377,8 +377,10 @@ class Trainer:
             weight = 1.0 if batch is not None else 0.0
             batch, previous = (batch if batch is not None else last), (last["pixel_values"] if last else None)
             n = int((batch["targets"] != IGNORE_INDEX).sum()) * weight
-            own, *_ = self._forward(batch)
-            other, *_ = self._forward(batch, pixels=mismatched(batch["pixel_values"], previous))
+            # a model told where its pointer reads is told it here as in training (the page's own, either image)
+            told = self.cfg.model.reading_place
+            own, *_ = self._forward(batch, reading=told)
+            other, *_ = self._forward(batch, pixels=mismatched(batch["pixel_values"], previous), reading=told)
             total += torch.tensor([own.float().item() * n, other.float().item() * n, n], dtype=torch.float64)
             if weight:
                 classes[batch["reading_targets"]] = 1

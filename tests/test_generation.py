@@ -20,6 +20,8 @@ PROMPTS = ["<image>\nFree OCR.", "<image>\nRead the text in the image.", "<image
 
 # with the smear, decoding also carries each row's last input embedding from step to step
 SMEAR = dataclasses.replace(CFG, gpt=dataclasses.replace(CFG.gpt, smear=True))
+# told where its pointer reads, decoding also feeds each token the place its pointer looked at most
+PLACE = dataclasses.replace(SMEAR, reading_head=True, reading_pointer=True, reading_place=True).validate()
 
 
 def engine(seed=0, cfg=CFG) -> Generator:
@@ -33,7 +35,7 @@ def images(n=3):
     return torch.randn(n, 3, CFG.image_size, CFG.image_size)
 
 
-@pytest.mark.parametrize("cfg", [CFG, SMEAR], ids=["plain", "smear"])
+@pytest.mark.parametrize("cfg", [CFG, SMEAR, PLACE], ids=["plain", "smear", "place"])
 def test_kv_cache_equals_full_recompute_token_for_token(cfg):
     gen = engine(cfg=cfg)
     cached = gen.generate(PROMPTS, images(), max_new_tokens=40)
@@ -42,7 +44,7 @@ def test_kv_cache_equals_full_recompute_token_for_token(cfg):
     assert len(set(cached)) == 3                         # different images, different outputs
 
 
-@pytest.mark.parametrize("cfg", [CFG, SMEAR], ids=["plain", "smear"])
+@pytest.mark.parametrize("cfg", [CFG, SMEAR, PLACE], ids=["plain", "smear", "place"])
 def test_batched_left_padded_equals_one_by_one(cfg):
     gen = engine(cfg=cfg)
     batched = gen.generate(PROMPTS, images(), max_new_tokens=30)

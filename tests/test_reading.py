@@ -15,7 +15,7 @@ from ocr_vlm.data.render import READING_SETS, page_record, reading_page
 from ocr_vlm.data.sample import decode
 from ocr_vlm.diagnostics import BLIND_GAP, VisionShare, mismatched, verdict
 from ocr_vlm.model.gpt import GPT, IGNORE_INDEX, norm
-from ocr_vlm.model.reading import (BACKGROUND, CLASSES, NEWLINE, SPACE, Predecessor, ReadingHead, VisionNorm,
+from ocr_vlm.model.reading import (BACKGROUND, CLASSES, NEWLINE, SPACE, Places, Predecessor, ReadingHead, VisionNorm,
                                    byte_loss, places, pointer_loss, predecessor_loss, reading_cells, reading_gaps,
                                    reading_predecessors, reading_targets)
 from ocr_vlm.model.vlm import build_model
@@ -227,6 +227,38 @@ def test_the_pointers_loss_is_where_its_head_looks_and_what_it_carries_with_ever
     expected = (looks_and_carries[:2].mean() + looks_and_carries[2]) / 2
     torch.testing.assert_close(pointer_loss(gpt, (log_attention, carried), targets, pairs, 3), expected)
     assert pointer_loss(gpt, (log_attention[:0], carried[:0]), targets, pairs[:0], 3) == 0
+
+
+def test_each_answer_token_is_told_the_place_its_character_was_read_from_and_each_vision_token_its_own():
+    cfg = dataclasses.replace(CFG, reading_pointer=True, reading_place=True).validate()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():                                       # zero at first: a model given them starts where it was
+        assert not model.reading_places.key.any() and not model.reading_places.query.any()
+        model.reading_places.key.normal_(), model.reading_places.query.normal_()
+    n, g = cfg.image_tokens, cfg.vision_grid
+    ids = torch.tensor([[1] + [cfg.image_token_id] * n + [5, 6, 7, 2] + [cfg.image_token_id] * n + [8, 9]])
+    vision = torch.randn(2, g * g, cfg.gpt.n_embd)
+    x = model.embed(ids, vision)
+    bare = model.gpt.embed(ids).masked_scatter((ids == cfg.image_token_id).unsqueeze(-1), model.layout(vision))
+    added = x - bare
+    second = 1 + n + 4                                          # where the second image starts
+    torch.testing.assert_close(added[0, 1:1 + n], model.reading_places.keys(torch.arange(n)))
+    torch.testing.assert_close(added[0, second:second + n], model.reading_places.keys(torch.arange(n)))
+    assert not added[0, 1 + n:second].any() and not added[0, 0].any()
+    # (row, position, vision position, page): the token after each position is told its pair's place
+    pairs = torch.tensor([[0, n, 1 + 3 * (g + 1) + 2, 0], [0, n + 1, 1 + n - 1, 0], [0, second + n, second + g, 1]])
+    told = model.told(x, ids, pairs) - x
+    expected = torch.zeros_like(x)
+    expected[0, [n + 1, n + 2, second + n + 1]] = model.reading_places.told(torch.tensor([3 * (g + 1) + 2, n - 1, g]))
+    torch.testing.assert_close(told, expected)
+    # a place's code is its row's and its column's: row 1's first is not row 0's second, though next in raster order
+    code = Places(g, 8).code(torch.tensor([1, g + 1, 2 * (g + 1) + 1]))
+    assert not torch.allclose(code[0], code[1])
+    torch.testing.assert_close(code[0, 10:], code[2, 10:])          # the same column's half
+    for bad in (dict(reading_pointer=False), dict(reading_pointer=True, tile_size=CFG.image_size // 2)):
+        with pytest.raises(ConfigError, match="reading_place"):
+            dataclasses.replace(CFG, reading_place=True, **bad).validate()
 
 
 @pytest.mark.parametrize("predecessor", [False, True])

@@ -127,6 +127,15 @@ class CausalSelfAttention(nn.Module):
             y = attention(q, k, v, mask=layout, causal=layout is None and q.shape[2] == k.shape[2], gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
+    def looks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int,
+              head: int) -> torch.Tensor:
+        """The scores `head` gives, from each of the new positions (B, T, D), to every key so far, the cached and
+        the new ones: (B, T, keys), before masking and softmax."""
+        q, k, _ = self.project(x, cos, sin)
+        kv_head = head // (self.n_head // self.n_kv_head)
+        keys = k[:, kv_head] if cache is None else torch.cat([cache.k[layer, :, kv_head, :cache.length], k[:, kv_head]], 1)
+        return q[:, head] @ keys.transpose(1, 2) * self.head_dim ** -0.5
+
     def one_head(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None,
                  pairs: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What `head` does at each of `pairs`' queries, attending as `forward` would (causal, within the query's
@@ -228,11 +237,12 @@ class GPT(nn.Module):
 
     def hidden(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                key_valid: torch.Tensor | None = None, cache: KVCache | None = None,
-               attention: tuple[int, int, torch.Tensor] | None = None):
+               attention: tuple[int, int, torch.Tensor] | None = None, look: tuple[int, int] | None = None):
         """(B, T, D) embeddings of the new tokens -> final-normed hidden states.
 
         With a cache, `key_valid` covers the cached and the new positions: (B, cache.length + T). With `attention` =
-        (layer, head, pairs) it returns (hidden states, that head's `one_head` over the pairs) instead."""
+        (layer, head, pairs) it returns (hidden states, that head's `one_head` over the pairs) instead; with `look` = (layer,
+        head), (hidden states, that head's `looks`)."""
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -248,11 +258,13 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             if attention is not None and i == attention[0]:      # outside the checkpoint: computed once, kept for backward
                 attended = block.attn.one_head(norm(x), cos, sin, doc_ids, attention[2], attention[1])
+            if look is not None and i == look[0]:
+                attended = block.attn.looks(norm(x), cos, sin, cache, i, look[1])
             args = (x, cos, sin, layout, cache, i)   # the same call either way: a checkpointed block still fills the cache
             x = checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
         if cache is not None:
             cache.length += T
-        return norm(x) if attention is None else (norm(x), attended)
+        return norm(x) if attention is None and look is None else (norm(x), attended)
 
     def smear(self, x: torch.Tensor, doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None,
               cache: KVCache | None) -> torch.Tensor:

@@ -233,6 +233,40 @@ class Predecessor(nn.Module):
         return (q @ k.transpose(1, 2)).float().div(math.sqrt(q.shape[-1])).log_softmax(-1)
 
 
+class Places(nn.Module):
+    """Where on the page the pointer is (`reading_place`): every place of an image's layout (each grid row's
+    tokens, then its newline; the view separator last, as the row after the grid) has a fixed code, sines and
+    cosines of its row and column at periods of 4 to 64 tokens, and two maps of it into the GPT's width, both zero at
+    first (a model given them starts where it was): `keys` is added to the vision token at each place, `told` to
+    each answer token the place its character was read from. The pointer's query then knows where it is, not only
+    the last two characters: the next character is a step to the right on the same row, or at the start of a row
+    below, wherever the same characters come again on the page. Training tells each token the place the pointer is
+    trained on for it; generation, the place the pointer looked at most (generation.py)."""
+
+    PERIODS = (4, 8, 16, 32, 64)
+
+    def __init__(self, grid: int, width: int):
+        super().__init__()
+        self.grid = grid
+        self.key = nn.Parameter(torch.zeros(4 * len(self.PERIODS), width))
+        self.query = nn.Parameter(torch.zeros(4 * len(self.PERIODS), width))
+
+    def code(self, places: torch.Tensor) -> torch.Tensor:
+        """Layout places (any shape) -> their fixed codes (..., 4 x periods), fp32."""
+        row, col = places.div(self.grid + 1, rounding_mode="floor"), places.remainder(self.grid + 1)
+        angles = torch.stack([row, col], -1).float().unsqueeze(-1) * (
+            2 * math.pi / torch.tensor(self.PERIODS, device=places.device))
+        return torch.cat([angles.sin(), angles.cos()], -1).flatten(-2)
+
+    def keys(self, places: torch.Tensor) -> torch.Tensor:
+        """What the vision tokens at `places` get added: (..., width)."""
+        return self.code(places).to(self.key.dtype) @ self.key
+
+    def told(self, places: torch.Tensor) -> torch.Tensor:
+        """What an answer token read from each of `places` gets added: (..., width)."""
+        return self.code(places).to(self.query.dtype) @ self.query
+
+
 class ReadingHead(nn.Module):
     """Linear readouts of every vision token: the character under it (`proj`), the one before that in reading order
     (`previous`: the page's preceding non-whitespace character, BACKGROUND for its first), with `back=2` the one

@@ -9,6 +9,8 @@
     (reading_code) the reading head's readouts ─ embedded ─▶ added to the normed tokens the GPT reads
     (training only) one GPT head's attention ─ pointer ─▶ loss: it should rest on the character being written,
                     and its output alone name it
+    (reading_place) each vision token ─ + its place's code; each answer token ─ + the place it was read from
+                    (training: the pointer's target; generation: where the pointer looked most)
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from torch import nn
 from ocr_vlm.config import COMPONENTS, TOWERS, VLMConfig
 from ocr_vlm.model.clip import ClipEncoder
 from ocr_vlm.model.gpt import GPT, chunked_cross_entropy
-from ocr_vlm.model.reading import POINTER_HEAD, POINTER_LAYER, Reading, ReadingHead, VisionNorm, pointer_loss
+from ocr_vlm.model.reading import (POINTER_HEAD, POINTER_LAYER, Places, Reading, ReadingHead, VisionNorm,
+                                   pointer_loss)
 from ocr_vlm.model.sam import SamEncoder
 
 MEAN = STD = 0.5     # DeepSeek-OCR's ToTensor + Normalize; image.PAD_COLOR is this mean in uint8
@@ -61,6 +64,7 @@ class VLM(nn.Module):
             if cfg.vision_norm else None
         self.reading_head = ReadingHead(width, cfg.reading_code, cfg.reading_back, cfg.reading_predecessor) \
             if cfg.reading_head else None
+        self.reading_places = Places(cfg.vision_grid, width) if cfg.reading_place else None
 
     def vision_tokens(self, pixels: torch.Tensor, real: bool = True) -> torch.Tensor:
         """(N,3,S,S) uint8 pixels (or already normalised floats) -> (N, g², D): the token grid the GPT reads,
@@ -145,7 +149,23 @@ class VLM(nn.Module):
                              f"but input_ids holds {found}")
         if n_images:
             x = x.masked_scatter(slots.unsqueeze(-1), self.layout(vision, tiles, grids).to(x.dtype))
+            if self.reading_places is not None:
+                x = x + self.reading_places.keys(self.places(input_ids)).to(x.dtype) * slots.unsqueeze(-1)
         return x
+
+    def places(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> each position's place in its image's layout (the k-th <|image|> placeholder of an image is
+        place k; the global view only: every image has image_tokens of them). Meaningless off the placeholders."""
+        slots = input_ids == self.cfg.image_token_id
+        return (slots.cumsum(1) - 1).clamp(min=0) % self.cfg.image_tokens
+
+    def told(self, x: torch.Tensor, input_ids: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """Embeddings `x` with each answer token told where its character was read from (`reading_place`): the
+        token after each of the pointer's `pairs` (row, position, vision position, page) gets the place of the
+        pair's vision position."""
+        rows, positions, keys = pairs[:, 0], pairs[:, 1], pairs[:, 2]
+        told = self.reading_places.told(self.places(input_ids)[rows, keys]).to(x.dtype)
+        return x.index_put((rows, positions + 1), told, accumulate=True)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -177,12 +197,14 @@ class VLM(nn.Module):
             if self.cfg.tile_size:
                 tiles = self.vision_tokens(tile_values if tiled else blank(self.cfg.tile_size, dtype, device), tiled)
         x = self.embed(input_ids, vision if images else None, tiles if tiled else None, tile_grids if tiled else None)
+        reading = Reading(*reading) if reading is not None else None
+        if self.reading_places is not None and reading is not None and images:
+            x = self.told(x, input_ids, reading.pointer)
         # Blanks join the graph after the embedding, as real images do: ranks then run backward in the same order.
         unused = ([self.layout(vision)] if towers and not images else []) + \
             ([tiles] if towers and self.cfg.tile_size and not tiled else [])
         for u in unused:
             x = x + 0.0 * u.sum()
-        reading = Reading(*reading) if reading is not None else None
         pointing = reading is not None and self.cfg.reading_pointer
         out = self.gpt.hidden(x, position_ids=position_ids, doc_ids=doc_ids,
                               attention=(POINTER_LAYER, POINTER_HEAD, reading.pointer[:, :3])
