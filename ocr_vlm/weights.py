@@ -138,7 +138,7 @@ NANOCHAT_HF = KeyTable(
 EXPORT_PREFIX = "model."     # the transformers wrapper's attribute holding the VLM (hf_model.py)
 OCR_VLM = KeyTable(name="ocr_vlm export", pairs=(("{rest}", "{rest}"),),
                    scope=("sam_model", "vision_model", "projector", "image_newline", "view_separator", "gpt",
-                          "vision_norm", "reading_head"),
+                          "vision_norm", "reading_head", "reading_places"),
                    strip_prefix=EXPORT_PREFIX)      # optional: exports before the transformers layout have none
 
 FORMATS = {"hf_sam": SAM_HF, "hf_clip": CLIP_HF, "deepseek_ocr": DEEPSEEK_OCR, "nanochat": NANOCHAT,
