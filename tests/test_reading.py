@@ -246,9 +246,12 @@ def test_each_answer_token_is_told_the_place_its_character_was_read_from_and_eac
     torch.testing.assert_close(added[0, 1:1 + n], model.reading_places.keys(torch.arange(n)))
     torch.testing.assert_close(added[0, second:second + n], model.reading_places.keys(torch.arange(n)))
     assert not added[0, 1 + n:second].any() and not added[0, 0].any()
-    # (row, position, vision position, page): the token after each position is told its pair's place
-    pairs = torch.tensor([[0, n, 1 + 3 * (g + 1) + 2, 0], [0, n + 1, 1 + n - 1, 0], [0, second + n, second + g, 1]])
-    told = model.told(x, ids, pairs) - x
+    # (row, position, vision position, page): the token each position writes is told its pair's place where it is
+    # read next; the last one writes the end, which nothing reads
+    targets = torch.cat([ids[:, 1:], torch.tensor([[3]])], 1)
+    pairs = torch.tensor([[0, n, 1 + 3 * (g + 1) + 2, 0], [0, n + 1, 1 + n - 1, 0], [0, second + n, second + g, 1],
+                          [0, second + n + 1, second + n - 1, 1]])
+    told = model.told(x, ids, targets, pairs) - x
     expected = torch.zeros_like(x)
     expected[0, [n + 1, n + 2, second + n + 1]] = model.reading_places.told(torch.tensor([3 * (g + 1) + 2, n - 1, g]))
     torch.testing.assert_close(told, expected)

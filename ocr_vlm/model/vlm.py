@@ -159,13 +159,15 @@ class VLM(nn.Module):
         slots = input_ids == self.cfg.image_token_id
         return (slots.cumsum(1) - 1).clamp(min=0) % self.cfg.image_tokens
 
-    def told(self, x: torch.Tensor, input_ids: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    def told(self, x: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         """Embeddings `x` with each answer token told where its character was read from (`reading_place`): the
-        token after each of the pointer's `pairs` (row, position, vision position, page) gets the place of the
-        pair's vision position."""
+        token each of the pointer's `pairs` (row, position, vision position, page) writes, where it is read next
+        (not the end token: nothing reads it), gets the place of the pair's vision position."""
         rows, positions, keys = pairs[:, 0], pairs[:, 1], pairs[:, 2]
-        told = self.reading_places.told(self.places(input_ids)[rows, keys]).to(x.dtype)
-        return x.index_put((rows, positions + 1), told, accumulate=True)
+        after = (positions + 1).clamp(max=input_ids.shape[1] - 1)
+        read = (positions + 1 < input_ids.shape[1]) & (input_ids[rows, after] == targets[rows, positions])
+        told = self.reading_places.told(self.places(input_ids)[rows[read], keys[read]]).to(x.dtype)
+        return x.index_put((rows[read], after[read]), told, accumulate=True)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -198,8 +200,8 @@ class VLM(nn.Module):
                 tiles = self.vision_tokens(tile_values if tiled else blank(self.cfg.tile_size, dtype, device), tiled)
         x = self.embed(input_ids, vision if images else None, tiles if tiled else None, tile_grids if tiled else None)
         reading = Reading(*reading) if reading is not None else None
-        if self.reading_places is not None and reading is not None and images:
-            x = self.told(x, input_ids, reading.pointer)
+        if self.reading_places is not None and reading is not None and images and targets is not None:
+            x = self.told(x, input_ids, targets, reading.pointer)
         # Blanks join the graph after the embedding, as real images do: ranks then run backward in the same order.
         unused = ([self.layout(vision)] if towers and not images else []) + \
             ([tiles] if towers and self.cfg.tile_size and not tiled else [])
