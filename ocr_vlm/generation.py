@@ -46,9 +46,8 @@ class Generator:
         x = model.embed(ids, model.vision_tokens(pixels.to(device)),
                         model.vision_tokens(tiles.to(device)) if tiled else None, grids if tiled else None)
         cache = KVCache(gpt.cfg, len(rows), width + max_new_tokens, device, x.dtype) if use_cache else None
-        places = model.reading_places
-        look = (POINTER_LAYER, POINTER_HEAD) if places is not None else None     # never with tiles (config)
-        slots = (ids == model.cfg.image_token_id).nonzero()[:, 1].view(len(rows), -1) if look else None  # place order
+        look = (POINTER_LAYER, POINTER_HEAD) if model.reading_places is not None else None   # never with tiles
+        slots = model.image_slots(ids) if look else None
         h = gpt.hidden(x, positions, key_valid=valid, cache=cache, look=look)
         generator = torch.Generator(device=device).manual_seed(seed)
         out = torch.empty(len(rows), 0, dtype=torch.long, device=device)
@@ -56,7 +55,7 @@ class Generator:
         for _ in range(max_new_tokens):
             if look:
                 h, scores = h
-                told = places.told(scores[:, -1].gather(1, slots).argmax(-1))[:, None]
+                told = model.told_next(scores, slots)
             token = self._sample(gpt.logits(h[:, -1]), temperature, top_k, generator)
             token = torch.where(done, self.tokenizer.assistant_end_id, token)
             out = torch.cat([out, token[:, None]], dim=1)

@@ -7,6 +7,8 @@ project's own model code without ocr_vlm installed. Only the cache and the input
 - `forward(input_ids, pixel_values, attention_mask, cache)` is what `generate` calls: images are encoded on the
   prefill step only, left padding is read from `attention_mask` (positions count from each row's first real token),
   and the KV cache is transformers' own, behind the `update`/`length` interface our GPT writes to.
+- a model told where its pointer reads (`reading_place`) keeps, on the same cache, where each row's image is and
+  the place its pointer looked at most for the token being generated, as `Generator` does.
 - the export's generation_config.json suppresses the tokens our Generator never emits and stops at
   `<|assistant_end|>`, so greedy `generate` returns exactly what `ocr_vlm.generation.Generator` does (tested).
 """
@@ -20,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ocr_vlm.config import VLMConfig, from_dict
 from ocr_vlm.model.gpt import left_padded_positions
+from ocr_vlm.model.reading import POINTER_HEAD, POINTER_LAYER
 from ocr_vlm.model.vlm import VLM
 
 # transformers renamed generate's `past_key_values` to `cache` during 5.x; the output carries whichever it has.
@@ -71,8 +74,19 @@ class OcrVlmForCausalLM(PreTrainedModel, GenerationMixin):
                         model.vision_tokens(tile_values) if tiled else None, tile_grids if tiled else None)
         # As the Generator does: the prefill always masks by validity, decoding only when a row was padded.
         key_valid = valid if past == 0 or not valid.all() else None
+        look = (POINTER_LAYER, POINTER_HEAD) if model.reading_places is not None else None
+        if look and cache is None:
+            raise ValueError("a model with reading_place generates with a cache (use_cache=True): each token is told "
+                             "where the pointer looked when the one before it was written")
+        if look and past:
+            x = x + cache.ocr_vlm_told.to(x.dtype)
         h = model.gpt.hidden(x, left_padded_positions(valid)[:, past:], key_valid=key_valid,
-                             cache=_Cache(cache) if cache is not None else None)
+                             cache=_Cache(cache) if cache is not None else None, look=look)
+        if look:
+            h, scores = h
+            if not past:
+                cache.ocr_vlm_slots = model.image_slots(input_ids)
+            cache.ocr_vlm_told = model.told_next(scores, cache.ocr_vlm_slots)
         logits = model.gpt.logits(h[:, -logits_to_keep:] if logits_to_keep else h)
         return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
 

@@ -27,10 +27,10 @@ def pages(n: int, side: int) -> torch.Tensor:
 def test_transformers_generate_equals_our_generator(tmp_path):
     torch.manual_seed(0)
     # with the reading code, generation runs the vision norm and the reading head too; with the smear, transformers'
-    # cache carries each row's last input embedding
+    # cache carries each row's last input embedding; with reading_place, where its pointer looked
     mini = config.mini()
     cfg = dataclasses.replace(mini, vision_norm=True, reading_head=True, reading_code=True, reading_back=2,
-                              gpt=dataclasses.replace(mini.gpt, smear=True))
+                              reading_pointer=True, reading_place=True, gpt=dataclasses.replace(mini.gpt, smear=True))
     save_export(randomize(build_model(cfg), 0.3, seed=0), tmp_path / "export", MINI_TOKENIZER)
     model, tokenizer = load_export(tmp_path / "export")
     pixels = pages(2, model.cfg.image_size)

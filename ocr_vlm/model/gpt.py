@@ -115,7 +115,9 @@ class CausalSelfAttention(nn.Module):
         return norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin)), v   # QK-norm after rotary
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, look: int | None = None):
+        """The layer's attention output; with `look` (a head), also the scores that head gives from each new
+        position to every key so far, cached and new: (B, T, keys), before masking and softmax."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
@@ -125,16 +127,11 @@ class CausalSelfAttention(nn.Module):
             y = layout.attend(q, k, v, gqa)
         else:   # causal over the sequence, a single cached-decode query that sees every key, or the mask
             y = attention(q, k, v, mask=layout, causal=layout is None and q.shape[2] == k.shape[2], gqa=gqa)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-    def looks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int,
-              head: int) -> torch.Tensor:
-        """The scores `head` gives, from each of the new positions (B, T, D), to every key so far, the cached and
-        the new ones: (B, T, keys), before masking and softmax."""
-        q, k, _ = self.project(x, cos, sin)
-        kv_head = head // (self.n_head // self.n_kv_head)
-        keys = k[:, kv_head] if cache is None else torch.cat([cache.k[layer, :, kv_head, :cache.length], k[:, kv_head]], 1)
-        return q[:, head] @ keys.transpose(1, 2) * self.head_dim ** -0.5
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if look is None:
+            return y
+        kv_head = look // (self.n_head // self.n_kv_head)
+        return y, q[:, look] @ k[:, kv_head].transpose(1, 2) * self.head_dim ** -0.5
 
     def one_head(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None,
                  pairs: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,9 +176,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, layout, cache, layer)
-        return x + self.mlp(norm(x))
+                cache: KVCache | None = None, layer: int = 0, look: int | None = None):
+        """The block's output; with `look`, also its attention's scores from that head (`CausalSelfAttention`)."""
+        y = self.attn(norm(x), cos, sin, layout, cache, layer, look)
+        y, scores = y if look is not None else (y, None)
+        x = x + y
+        x = x + self.mlp(norm(x))
+        return x if look is None else (x, scores)
 
 
 class GPT(nn.Module):
@@ -242,7 +243,7 @@ class GPT(nn.Module):
 
         With a cache, `key_valid` covers the cached and the new positions: (B, cache.length + T). With `attention` =
         (layer, head, pairs) it returns (hidden states, that head's `one_head` over the pairs) instead; with `look` = (layer,
-        head), (hidden states, that head's `looks`)."""
+        head), (hidden states, that head's scores from the new positions to every key, `CausalSelfAttention`)."""
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -258,10 +259,11 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             if attention is not None and i == attention[0]:      # outside the checkpoint: computed once, kept for backward
                 attended = block.attn.one_head(norm(x), cos, sin, doc_ids, attention[2], attention[1])
-            if look is not None and i == look[0]:
-                attended = block.attn.looks(norm(x), cos, sin, cache, i, look[1])
             args = (x, cos, sin, layout, cache, i)   # the same call either way: a checkpointed block still fills the cache
-            x = checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
+            if look is not None and i == look[0]:   # generation's: nothing to checkpoint
+                x, attended = block(*args, look[1])
+            else:
+                x = checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
         if cache is not None:
             cache.length += T
         return norm(x) if attention is None and look is None else (norm(x), attended)

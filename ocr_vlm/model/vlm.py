@@ -159,6 +159,17 @@ class VLM(nn.Module):
         slots = input_ids == self.cfg.image_token_id
         return (slots.cumsum(1) - 1).clamp(min=0) % self.cfg.image_tokens
 
+    def image_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids of prompts with one image each -> (B, image_tokens): where each row's placeholders are, in
+        place order (generation's, for `told_next`)."""
+        return (input_ids == self.cfg.image_token_id).nonzero()[:, 1].view(len(input_ids), -1)
+
+    def told_next(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """What the token generated next is told (`reading_place`): the place the pointer's head looked at most from
+        each row's last position, given its `scores` (B, T, keys) (`GPT.hidden`'s `look`) and the rows' `image_slots`.
+        (B, 1, D)."""
+        return self.reading_places.told(scores[:, -1].gather(1, slots).argmax(-1))[:, None]
+
     def told(self, x: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         """Embeddings `x` with each answer token told where its character was read from (`reading_place`): the
         token each of the pointer's `pairs` (row, position, vision position, page) writes, where it is read next
