@@ -81,8 +81,8 @@ def evaluate(model, tokenizer: Tokenizer, shards: str, max_new_tokens: int = 512
         outputs = read_back(model, tokenizer, batch, max_new_tokens, batch_size)
         pixels = torch.stack([e.views.global_view for e in batch])
         projected = model.projected_tokens(pixels)
-        read = head.read(projected) if head is not None else None
-        share.add(model.read_tokens(projected, logits=read.logits if read is not None else None))
+        tokens, read = model.read_tokens(projected, head=True)
+        share.add(tokens)
         if head is not None:
             named += head.named(read, places([(e.response, e.cells) for e in batch]))
         # another page's image for each page (the next one; the last takes the previous batch's first)

@@ -387,8 +387,7 @@ class Trainer:
             pixels = batch["pixel_values"].to(self.device)
             if len(pixels):      # weighted or not: ZeRO-3's gathers are collectives every rank takes part in
                 projected = module.projected_tokens(pixels)
-                read = head.read(projected) if head is not None else None
-                tokens = module.read_tokens(projected, logits=read.logits if read is not None else None)
+                tokens, read = module.read_tokens(projected, head=True)
                 if head is not None:
                     named += head.named(read, batch_reading(batch, self.device)).cpu().double() * weight
                 if weight:

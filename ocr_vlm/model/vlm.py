@@ -23,7 +23,7 @@ from torch import nn
 from ocr_vlm.config import COMPONENTS, TOWERS, VLMConfig
 from ocr_vlm.model.clip import ClipEncoder
 from ocr_vlm.model.gpt import GPT, chunked_cross_entropy
-from ocr_vlm.model.reading import (POINTER_HEAD, POINTER_LAYER, Places, Reading, ReadingHead, VisionNorm,
+from ocr_vlm.model.reading import (POINTER_HEAD, POINTER_LAYER, Places, Read, Reading, ReadingHead, VisionNorm,
                                    pointer_loss)
 from ocr_vlm.model.sam import SamEncoder
 
@@ -70,18 +70,19 @@ class VLM(nn.Module):
         """(N,3,S,S) uint8 pixels (or already normalised floats) -> (N, g², D): the token grid the GPT reads,
         row-major, before the layout adds newlines. `real=False` marks a stand-in (a blank image): the vision norm
         then leaves its statistics alone."""
-        return self.read_tokens(self.projected_tokens(pixels), real)
+        return self.read_tokens(self.projected_tokens(pixels), real)[0]
 
     def read_tokens(self, projected: torch.Tensor, real: bool = True,
-                    logits: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected tokens (N, g² or t², D) -> what the GPT reads: after the vision norm, with the reading head's
-        embedded code added when the model has one (`reading_code`), from its readouts' `logits` where the caller
-        has them."""
+                    head: bool = False) -> tuple[torch.Tensor, Read | None]:
+        """Projected tokens (N, g² or t², D) -> (what the GPT reads: after the vision norm, with the reading head's
+        embedded code added when the model has one (`reading_code`); the head's `Read` of them where that ran:
+        with the code, or when asked for (`head`), e.g. for its losses and counts). The head reads them once."""
+        run = self.reading_head is not None and (head or self.cfg.reading_code)
+        read = self.reading_head.read(projected) if run else None
         tokens = self.norm_tokens(projected, real)
         if self.cfg.reading_code:
-            logits = self.reading_head(projected) if logits is None else logits
-            tokens = tokens + self.reading_head.embed(logits).to(tokens.dtype)
-        return tokens
+            tokens = tokens + self.reading_head.embed(read.logits).to(tokens.dtype)
+        return tokens, read
 
     def projected_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N,3,S,S) pixels -> (N, g², D): the towers' projected tokens, before the vision norm."""
@@ -205,8 +206,7 @@ class VLM(nn.Module):
             # the reading head reads the tokens before the norm, so its code does not move with the statistics
             projected = self.projected_tokens(pixel_values if images else blank(self.cfg.image_size, dtype, device))
             # read once: the code the GPT reads and the head's losses come from the same readouts
-            read = self.reading_head.read(projected) if self.reading_head is not None else None
-            vision = self.read_tokens(projected, images, read.logits if read is not None else None)
+            vision, read = self.read_tokens(projected, images, head=reading is not None)
             if self.cfg.tile_size:
                 tiles = self.vision_tokens(tile_values if tiled else blank(self.cfg.tile_size, dtype, device), tiled)
         x = self.embed(input_ids, vision if images else None, tiles if tiled else None, tile_grids if tiled else None)
