@@ -73,6 +73,13 @@ to read, and the model never starts.
   gives the keys the character two back (a third readout, `two_back`): on bench/reading_gpt.py's perfect codes the
   GPT then wrote the token after a doubled character right 0.64 of the time, against 0.31 (either alone: 0.44 and
   0.29).
+- Places (`reading_place`) tell the pointer where it is. Its query knows which characters were just written, not
+  where they were read: wherever those come again on the page, the pointer may rest there and read on from the
+  wrong place, and the page model's errors are mostly such jumps, loops and repeated lines. `Places` adds to every
+  vision token a code of its row and column, and to every answer token the code of the place its character was read
+  from (in training the pointer's target for it; in generation the place the pointer looked at most, generation.py),
+  so the next character is also a lookup by place: a step to the right on the same row, or the start of a row
+  below (README #places).
 
 Classes are byte values of the UTF-8 text, whitespace removed (it has no ink).
 """

@@ -177,9 +177,9 @@ class VLM(nn.Module):
         (not the end token: nothing reads it), gets the place of the pair's vision position."""
         rows, positions, keys = pairs[:, 0], pairs[:, 1], pairs[:, 2]
         after = (positions + 1).clamp(max=input_ids.shape[1] - 1)
-        read = (positions + 1 < input_ids.shape[1]) & (input_ids[rows, after] == targets[rows, positions])
-        told = self.reading_places.told(self.places(input_ids)[rows[read], keys[read]]).to(x.dtype)
-        return x.index_put((rows[read], after[read]), told, accumulate=True)
+        fed = (positions + 1 < input_ids.shape[1]) & (input_ids[rows, after] == targets[rows, positions])
+        told = self.reading_places.told(self.places(input_ids)[rows[fed], keys[fed]]).to(x.dtype)
+        return x.index_put((rows[fed], after[fed]), told, accumulate=True)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
