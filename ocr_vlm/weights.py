@@ -3,8 +3,8 @@
 Each format is a table of (our key, their key) templates. `{i}` matches a layer index, `{wb}` weight|bias, and
 `{qkv}` marks three checkpoint tensors (q, k, v) that become one fused tensor of ours (and split again on export).
 Loading is strict: every checkpoint tensor is consumed or matches the format's declared `ignore` list, and every
-parameter of the component the format covers is filled or declared `not_provided` — anything else is an error that
-names the key. Nothing is unpickled: safetensors, or `torch.load(weights_only=True)` for nanochat's `.pt`.
+parameter of the component the format covers is filled or declared `not_provided` (or `optional`) — anything else is
+an error that names the key. Nothing is unpickled: safetensors, or `torch.load(weights_only=True)` for nanochat's `.pt`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class KeyTable:
     pairs: tuple[tuple[str, str], ...]              # (our key template, checkpoint key template)
     ignore: tuple[str, ...] = ()                    # checkpoint keys dropped on purpose (regex)
     not_provided: tuple[str, ...] = ()              # our keys this format has no tensor for (regex)
+    # our keys a checkpoint may lack (regex): parts that start at zero, so the model computes what the checkpoint did
+    optional: tuple[str, ...] = ()
     scope: tuple[str, ...] = ()                     # our top-level modules this format fills
     strip_prefix: str = ""                          # optional checkpoint prefix (e.g. hub CLIP's "vision_model.")
 
@@ -139,6 +141,7 @@ EXPORT_PREFIX = "model."     # the transformers wrapper's attribute holding the 
 OCR_VLM = KeyTable(name="ocr_vlm export", pairs=(("{rest}", "{rest}"),),
                    scope=("sam_model", "vision_model", "projector", "image_newline", "view_separator", "gpt",
                           "vision_norm", "reading_head", "reading_places"),
+                   optional=(r"reading_places\..+",),    # places added to a model trained without (Places)
                    strip_prefix=EXPORT_PREFIX)      # optional: exports before the transformers layout have none
 
 FORMATS = {"hf_sam": SAM_HF, "hf_clip": CLIP_HF, "deepseek_ocr": DEEPSEEK_OCR, "nanochat": NANOCHAT,
@@ -270,7 +273,8 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, fmt: str) -> LoadR
         if sorted(parts) != ["k", "q", "v"]:
             raise WeightLoadError(f"{table.name}: {key} needs q, k and v tensors, found only {sorted(parts)}")
         mapped[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    missing = [k for k in ours if k not in mapped and not any(re.fullmatch(p, k) for p in table.not_provided)]
+    missing = [k for k in ours if k not in mapped
+               and not any(re.fullmatch(p, k) for p in table.not_provided + table.optional)]
     if unexpected or missing:
         raise WeightLoadError(f"{table.name} checkpoint {path} does not match the model:\n"
                               + "".join(f"  unexpected key: {k}\n" for k in sorted(unexpected))

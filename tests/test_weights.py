@@ -1,5 +1,6 @@
 """Checkpoints in each real format, written here, load strictly through ocr_vlm.weights' key tables."""
 
+import dataclasses
 import json
 
 import pytest
@@ -149,6 +150,24 @@ def test_nanochat_without_meta_is_refused(tmp_path):
     (tmp_path / "meta_000001.json").unlink()
     with pytest.raises(WeightLoadError, match="head count"):
         nanochat_gpt_config(tmp_path)
+
+
+def test_an_export_without_places_starts_a_model_with_them_where_it_was(tmp_path):
+    cfg = dataclasses.replace(config.mini(), reading_head=True, reading_pointer=True)
+    model = randomized(build_model(cfg)).eval()
+    save_export(model, tmp_path / "export", MINI_TOKENIZER)
+    placed = build_model(dataclasses.replace(cfg, reading_place=True)).eval()
+    report = load_pretrained(placed, tmp_path / "export" / "model.safetensors", "ocr_vlm")
+    assert sorted(report.left_at_init) == ["reading_places.key", "reading_places.query"]
+    ids = torch.randint(0, 700, (1, 90))
+    ids[0, 1:1 + cfg.image_tokens] = cfg.image_token_id
+    pixels = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixel_values=pixels), placed(ids, pixel_values=pixels))
+    # only those: a checkpoint without a part that does not start at zero is refused, naming it
+    head = build_model(dataclasses.replace(cfg, reading_back=2))
+    with pytest.raises(WeightLoadError, match="missing key: reading_head.two_back.weight"):
+        load_pretrained(head, tmp_path / "export" / "model.safetensors", "ocr_vlm")
 
 
 def test_export_and_load_back_give_identical_outputs(tmp_path):
