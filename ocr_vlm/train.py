@@ -267,7 +267,20 @@ class Trainer:
             sums += torch.cat([token_sum.detach().view(1), reading_sums.detach()]).double()
             for k, v in batch["counters"].items():
                 counters[k] = counters.get(k, 0) + v
+        self._average_running_statistics()
         return sums, counters, skipped, result
+
+    def _average_running_statistics(self) -> None:
+        """Set every rank's running statistics to their mean over the ranks. Each rank moved its own towards its
+        own pages; left apart, the ranks would normalise the same page differently, and the checkpoint (rank 0's
+        buffers) would resume the other ranks on statistics they never had. The update is linear in the batch
+        statistics, so the mean is the update by the ranks' mean batch statistics."""
+        stats = self.model.running_statistics()
+        if self.world == 1 or not stats:
+            return
+        mean = self._sum_over_ranks(torch.cat([s.flatten().double() for s in stats])) / self.world
+        for s, m in zip(stats, mean.split([s.numel() for s in stats])):
+            s.copy_(m.view_as(s))
 
     def _forward(self, batch: dict, pixels: torch.Tensor | None = None, reading: bool = False):
         """(cross-entropy, the reading head's readouts' losses, pointer's loss), or (cross-entropy, None, None)

@@ -243,6 +243,13 @@ class VLM(nn.Module):
             for p in self.component_parameters(name):
                 p.requires_grad_(False)
 
+    def running_statistics(self) -> list[torch.Tensor]:
+        """The buffers a training forward moves towards its own batch (the vision norm's): on several ranks each
+        sees other pages, so whoever trains must keep them equal over the ranks."""
+        if self.vision_norm is None:
+            return []
+        return [b for norm in self.vision_norm.values() for b in (norm.running_mean, norm.running_var)]
+
     def component_parameters(self, component: str) -> list[nn.Parameter]:
         params = []
         for name in COMPONENTS[component]:
