@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from ocr_vlm.model.gpt import KVCache, left_padded_positions
-from ocr_vlm.model.reading import POINTER_HEAD, POINTER_LAYER
 from ocr_vlm.model.vlm import VLM
 from ocr_vlm.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, Tokenizer
 
@@ -46,7 +45,7 @@ class Generator:
         x = model.embed(ids, model.vision_tokens(pixels.to(device)),
                         model.vision_tokens(tiles.to(device)) if tiled else None, grids if tiled else None)
         cache = KVCache(gpt.cfg, len(rows), width + max_new_tokens, device, x.dtype) if use_cache else None
-        look = (POINTER_LAYER, POINTER_HEAD) if model.reading_places is not None else None   # never with tiles
+        look = model.look            # a place model has no tiles
         slots = model.image_slots(ids) if look else None
         h = gpt.hidden(x, positions, key_valid=valid, cache=cache, look=look)
         generator = torch.Generator(device=device).manual_seed(seed)

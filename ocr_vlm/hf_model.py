@@ -22,7 +22,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ocr_vlm.config import VLMConfig, from_dict
 from ocr_vlm.model.gpt import left_padded_positions
-from ocr_vlm.model.reading import POINTER_HEAD, POINTER_LAYER
 from ocr_vlm.model.vlm import VLM
 
 # transformers renamed generate's `past_key_values` to `cache` during 5.x; the output carries whichever it has.
@@ -74,7 +73,7 @@ class OcrVlmForCausalLM(PreTrainedModel, GenerationMixin):
                         model.vision_tokens(tile_values) if tiled else None, tile_grids if tiled else None)
         # As the Generator does: the prefill always masks by validity, decoding only when a row was padded.
         key_valid = valid if past == 0 or not valid.all() else None
-        look = (POINTER_LAYER, POINTER_HEAD) if model.reading_places is not None else None
+        look = model.look
         if look and cache is None:
             raise ValueError("a model with reading_place generates with a cache (use_cache=True): each token is told "
                              "where the pointer looked when the one before it was written")

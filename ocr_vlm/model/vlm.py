@@ -160,6 +160,12 @@ class VLM(nn.Module):
         slots = input_ids == self.cfg.image_token_id
         return (slots.cumsum(1) - 1).clamp(min=0) % self.cfg.image_tokens
 
+    @property
+    def look(self) -> tuple[int, int] | None:
+        """The (layer, head) whose scores generation hands back to tell each next token its place (`told_next`),
+        or None for a model without places."""
+        return (POINTER_LAYER, POINTER_HEAD) if self.reading_places is not None else None
+
     def image_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids of prompts with one image each -> (B, image_tokens): where each row's placeholders are, in
         place order (generation's, for `told_next`)."""
