@@ -26,6 +26,7 @@ from PIL import Image
 from rapidfuzz.distance import Levenshtein
 from tqdm import tqdm
 
+from ocr_vlm.data.loader import packed_reading
 from ocr_vlm.data.sample import Example, iter_examples
 from ocr_vlm.data.stream import ShardSet
 from ocr_vlm.diagnostics import VisionShare, head_verdict, mismatched, verdict
@@ -54,8 +55,7 @@ def example_loss(model, example: Example, pixels: torch.Tensor) -> float:
     (`reading_place`) is told, as in training, where the page's characters are."""
     _, tiles, grids = stack_views([example.views], model.cfg)
     told = model.reading_places is not None and example.pointer
-    reading = places([(example.response, example.cells)])._replace(
-        pointer=torch.tensor([(0, query, key, 0) for query, key in example.pointer])) if told else None
+    reading = packed_reading([(0, 0, example)]) if told else None
     loss = model(torch.tensor([example.inputs]), targets=torch.tensor([example.targets]), pixel_values=pixels,
                  tile_values=tiles, tile_grids=grids, reading=reading)
     return (loss[0] if told else loss).item()

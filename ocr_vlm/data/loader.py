@@ -128,7 +128,7 @@ class PackedBatches(IterableDataset):
             "position_ids": torch.arange(T).repeat(B, 1),
             "doc_ids": torch.full((B, T), -1, dtype=torch.long),   # padding: its own block, supervises nothing
         }
-        images, pages, pointer = [], [], []
+        images, placed = [], []
         for r, row in enumerate(rows):
             at = 0
             for doc, ex in enumerate(row):
@@ -139,14 +139,11 @@ class PackedBatches(IterableDataset):
                 batch["doc_ids"][r, at:at + n] = doc
                 if ex.views is not None:
                     images.append(ex.views)
-                    pages.append((ex.response, ex.cells))            # the reading head's targets and their places
-                    pointer += [(r, at + query, at + key, len(images) - 1) for query, key in ex.pointer]
+                    placed.append((r, at, ex))
                 counters["vision_samples" if ex.views is not None else "text_samples"] += 1
                 at += n
         batch["pixel_values"], batch["tile_values"], batch["tile_grids"] = stack_views(images, self.vlm)
-        # the pointer's pairs: (row, position, vision position, page), in row order
-        reading = places(pages)._replace(pointer=torch.tensor(pointer, dtype=torch.long).view(-1, 4))
-        batch.update(zip(READING_KEYS, reading))
+        batch.update(zip(READING_KEYS, packed_reading(placed)))
         counters["samples"] = counters["vision_samples"] + counters["text_samples"]
         counters["tiles"] = len(batch["tile_values"])
         counters["tokens"] = int((batch["doc_ids"] >= 0).sum())
@@ -155,6 +152,15 @@ class PackedBatches(IterableDataset):
         batch["counters"] = dict(counters)
         batch["state"] = {"worker": logical, "stream": state}
         return batch
+
+
+def packed_reading(placed: list[tuple[int, int, Example]]) -> Reading:
+    """What pages packed into rows say about their characters: the reading head's targets and their places, and
+    the pointer's pairs (row, position, vision position, page). `placed`: each page as (row, where it starts there,
+    its example), in row order."""
+    pointer = [(r, at + query, at + key, page) for page, (r, at, ex) in enumerate(placed) for query, key in ex.pointer]
+    return places([(ex.response, ex.cells) for _, _, ex in placed])._replace(
+        pointer=torch.tensor(pointer, dtype=torch.long).view(-1, 4))
 
 
 def batch_reading(batch: dict, device: torch.device) -> Reading:
