@@ -115,7 +115,8 @@ def answer_loss(model: VLM, ids: torch.Tensor, targets: torch.Tensor, x: torch.T
         h, pointer, attention = model.gpt.hidden(x), x.new_zeros(()), math.nan
     else:
         h, attended = model.gpt.hidden(x, attention=(POINTER_LAYER, POINTER_HEAD, pairs[:, :3]))
-        pointer, attention = pointer_loss(model.gpt, attended, targets, pairs, len(ids)), attended[0].mean().exp().item()
+        pointer, attention = pointer_loss(model.gpt, attended, targets, pairs, len(ids)), \
+            attended[0].gather(1, pairs[:, 2:3]).mean().exp().item()
     logits = model.gpt.logits(h).float()
     supervised = targets != IGNORE_INDEX
     if after_double:

@@ -225,8 +225,9 @@ def test_the_pointers_loss_is_where_its_head_looks_and_what_it_carries_with_ever
     carries = torch.nn.functional.cross_entropy(gpt.logits(norm(carried)), torch.tensor([5, 6, 11]), reduction="none")
     looks_and_carries = carries - log_attention
     expected = (looks_and_carries[:2].mean() + looks_and_carries[2]) / 2
-    torch.testing.assert_close(pointer_loss(gpt, (log_attention, carried), targets, pairs, 3), expected)
-    assert pointer_loss(gpt, (log_attention[:0], carried[:0]), targets, pairs[:0], 3) == 0
+    rows = torch.full((3, 24), -9.0).log_softmax(-1).index_put((torch.arange(3), pairs[:, 2]), log_attention)
+    torch.testing.assert_close(pointer_loss(gpt, (rows, carried), targets, pairs, 3), expected)   # each pair's key
+    assert pointer_loss(gpt, (rows[:0], carried[:0]), targets, pairs[:0], 3) == 0
 
 
 def test_each_answer_token_is_told_the_place_its_character_was_read_from_and_each_vision_token_its_own():
@@ -262,6 +263,28 @@ def test_each_answer_token_is_told_the_place_its_character_was_read_from_and_eac
     for bad in (dict(reading_pointer=False), dict(reading_pointer=True, tile_size=CFG.image_size // 2)):
         with pytest.raises(ConfigError, match="reading_place"):
             dataclasses.replace(CFG, reading_place=True, **bad).validate()
+
+
+def test_training_tells_each_token_where_the_pointer_looked_most_as_generation_does():
+    cfg = dataclasses.replace(CFG, reading_pointer=True, reading_place=True,
+                              gpt=dataclasses.replace(CFG.gpt, smear=True)).validate()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    n = cfg.image_tokens
+    ids = torch.tensor([[1] + [cfg.image_token_id] * n + [5, 6, 7, 8, 9]])
+    targets = torch.cat([ids[:, 1:], torch.tensor([[3]])], 1)
+    x = model.embed(ids, torch.randn(1, cfg.vision_grid ** 2, cfg.gpt.n_embd))
+    pairs = torch.tensor([[0, n + k, 1 + 7 * k, 0] for k in range(5)])           # the true places: any
+    looked = model.looked(x, ids, targets, pairs, None, None)
+    # generation's path to the same head: its scores from every position, told the true places
+    _, scores = model.gpt.hidden(model.told(x, ids, targets, pairs), look=(0, 0))
+    slots = model.image_slots(ids)[0]
+    expected = slots[scores[0, pairs[:, 1]][:, slots].argmax(-1)]
+    assert torch.equal(looked[:, 2], expected) and torch.equal(looked[:, [0, 1, 3]], pairs[:, [0, 1, 3]])
+    assert not torch.equal(looked, pairs)
 
 
 @pytest.mark.parametrize("predecessor", [False, True])

@@ -136,11 +136,11 @@ class CausalSelfAttention(nn.Module):
     def one_head(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None,
                  pairs: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What `head` does at each of `pairs`' queries, attending as `forward` would (causal, within the query's
-        document): the log of the attention it pays to the pair's key, and its output (the values it weighs, through
-        its share of c_proj: what it alone adds to the residual stream). pairs: (P, 3) = (row, query position, key
-        position), in row order."""
+        document): the log of the attention it pays to every position of the query's row (P, T), and its output (the
+        values it weighs, through its share of c_proj: what it alone adds to the residual stream). pairs: (P, 2+) =
+        (row, query position, ...), in row order."""
         q, k, v = self.project(x, cos, sin)
-        rows, queries, keys = pairs.unbind(1)
+        rows, queries = pairs[:, 0], pairs[:, 1]
         kv_head = head // (self.n_head // self.n_kv_head)
         positions = torch.arange(x.shape[1], device=x.device)
         log_probs, outputs = [], []
@@ -156,7 +156,7 @@ class CausalSelfAttention(nn.Module):
         log_probs = torch.cat(log_probs) if log_probs else q.new_zeros(0, x.shape[1], dtype=torch.float32)
         weighed = torch.cat(outputs) if outputs else v.new_zeros(0, self.head_dim)
         share = self.c_proj.weight[:, head * self.head_dim:(head + 1) * self.head_dim]
-        return log_probs.gather(1, keys.unsqueeze(1)).squeeze(1), weighed @ share.T
+        return log_probs, weighed @ share.T
 
 
 class MLP(nn.Module):
@@ -238,12 +238,14 @@ class GPT(nn.Module):
 
     def hidden(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                key_valid: torch.Tensor | None = None, cache: KVCache | None = None,
-               attention: tuple[int, int, torch.Tensor] | None = None, look: tuple[int, int] | None = None):
+               attention: tuple[int, int, torch.Tensor] | None = None, look: tuple[int, int] | None = None,
+               probe: bool = False):
         """(B, T, D) embeddings of the new tokens -> final-normed hidden states.
 
         With a cache, `key_valid` covers the cached and the new positions: (B, cache.length + T). With `attention` =
-        (layer, head, pairs) it returns (hidden states, that head's `one_head` over the pairs) instead; with `look` = (layer,
-        head), (hidden states, that head's scores from the new positions to every key, `CausalSelfAttention`)."""
+        (layer, head, pairs) it returns (hidden states, that head's `one_head` over the pairs) instead, or with `probe` that
+        alone, running no layer past it; with `look` = (layer, head), (hidden states, that head's scores from the new
+        positions to every key, `CausalSelfAttention`)."""
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -259,6 +261,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             if attention is not None and i == attention[0]:      # outside the checkpoint: computed once, kept for backward
                 attended = block.attn.one_head(norm(x), cos, sin, doc_ids, attention[2], attention[1])
+                if probe:
+                    return attended
             args = (x, cos, sin, layout, cache, i)   # the same call either way: a checkpointed block still fills the cache
             if look is not None and i == look[0]:   # generation's: nothing to checkpoint
                 x, attended = block(*args, look[1])

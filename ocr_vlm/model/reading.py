@@ -77,7 +77,8 @@ to read, and the model never starts.
   where they were read: wherever those come again on the page, the pointer may rest there and read on from the
   wrong place, and the page model's errors are mostly such jumps, loops and repeated lines. `Places` adds to every
   vision token a code of its row and column, and to every answer token the code of the place its character was read
-  from (in training the pointer's target for it; in generation the place the pointer looked at most, generation.py),
+  from: where the pointer looked most when it was written (generation.py; training, `VLM.looked`, one step at a time
+  from the true places),
   so the next character is also a lookup by place: a step to the right on the same row, or the start of a row
   below (README #places).
 
@@ -247,8 +248,9 @@ class Places(nn.Module):
     first (a model given them starts where it was): `keys` is added to the vision token at each place, `told` to
     each answer token the place its character was read from. The pointer's query then knows where it is, not only
     the last two characters: the next character is a step to the right on the same row, or at the start of a row
-    below, wherever the same characters come again on the page. Training tells each token the place the pointer is
-    trained on for it; generation, the place the pointer looked at most (generation.py)."""
+    below, wherever the same characters come again on the page. Each token is told where the pointer looked most
+    when it was written: in generation from the places it was told itself (generation.py), in training from the
+    true ones (`VLM.looked`)."""
 
     PERIODS = (4, 8, 16, 32, 64)
 
@@ -409,11 +411,13 @@ def predecessor_loss(log_attention: torch.Tensor, reading: Reading) -> torch.Ten
 def pointer_loss(gpt: GPT, attended: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor, pairs: torch.Tensor,
                  n: int) -> torch.Tensor:
     """The pointer's loss over its `pairs` (P, 4) = (row, position, vision position, page), given its head's
-    `one_head` over them (`attended`). Per pair: minus the log of the attention paid to the token of the character
-    being written (where the head looks), plus the cross-entropy of the token the position writes (its `targets`
+    `one_head` over them (`attended`: the log-attention from each pair's query over its row, and its output). Per
+    pair: minus the log of the attention paid to the token of the character being written (where the head looks),
+    plus the cross-entropy of the token the position writes (its `targets`
     entry) from the head's output alone, through the final norm and lm_head (what it carries from there). Averaged
     over each page's pairs, then over the `n` pages that have any (0 when none does)."""
     log_attention, carried = attended
+    log_attention = log_attention.gather(1, pairs[:, 2:3]).squeeze(1)
     rows, positions, pages = pairs[:, 0], pairs[:, 1], pairs[:, 3]
     carries = F.cross_entropy(gpt.logits(norm(carried)), targets[rows, positions], ignore_index=IGNORE_INDEX,
                               reduction="none")
