@@ -264,8 +264,8 @@ def chats(tmp_path_factory):
 
 
 def test_stage2_zero3_freezes_sam_and_survives_text_only_micro_batches(zero2, chats, tmp_path):
-    args = ["--stage=2", f"--init=ocr_vlm={zero2 / 'export'}", f"--data.text_shards={chats}", "--data.text_ratio=0.9",
-            "--steps=4", "--lr=2e-3", "--checkpointing=sam,clip,gpt"]
+    args = [*NORMED, "--stage=2", f"--init=ocr_vlm={zero2 / 'export'}", f"--data.text_shards={chats}",
+            "--data.text_ratio=0.9", "--steps=4", "--lr=2e-3", "--checkpointing=sam,clip,gpt"]
     # The same data the two ranks will draw: at some micro-step one rank has only text while the other has pages.
     data = config.DataConfig(shards="shards/tier1", text_shards=str(chats), text_ratio=0.9, seq_len=256, num_workers=1)
     streams = [iter(Loader(data, config.mini(), MINI_TOKENIZER, rank, 2)) for rank in range(2)]
