@@ -60,8 +60,8 @@ demo: setup
 # The page stage also tells the GPT where on the page its pointer read each character (reading_place, its maps
 # starting at zero on the line model's weights; each token is told where the pointer looked most when it was written,
 # in training as in generation): it loses its place between lines less often.
-# Measured: held-out CER 0.092 after 84 minutes of the page stage (fp32 on a host without bf16, README #places);
-# 0.135 told the true places in training, 0.18 without places.
+# Measured end to end from a fresh clone (fp32 on a 2-core host without bf16): held-out CER 0.090 after 119 minutes
+# of training, 44 of them the line stage (README #the-issues-targets); 0.135 told the true places, 0.18 without.
 # Both stages save every 500 steps: READ_RESUME=true goes on with an interrupted `make read` where it stopped (each
 # stage's rendered pages kept, training from its last checkpoint); without it, runs/read starts afresh.
 READ_SET        ?= line
